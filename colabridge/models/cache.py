@@ -1,0 +1,100 @@
+"""Explicit key/value caches for block-wise generation.
+
+A :class:`KVCache` belongs to one model call sequence (one generation), is passed into ``forward`` and
+owned by the caller. Each layer writes the keys/values of the current call *after* the committed
+history; ``commit=True`` in the model's forward makes them part of the history, otherwise the next
+call overwrites them. Buffers are preallocated and grow geometrically, so appending a block costs a
+copy of the block only.
+
+The cache also records, per committed column, the token's position within its sample and whether it
+is a real token, so models can build block-causal masks without the caller re-deriving the layout.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Per-layer key/value buffers ``(B, H, capacity, head_dim)`` sharing one committed length."""
+
+    def __init__(self, num_layers: int, capacity: int = 256):
+        self.num_layers = num_layers
+        self.capacity = capacity
+        self.length = 0
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.positions: torch.Tensor | None = None  # (B, capacity) long
+        self.valid: torch.Tensor | None = None  # (B, capacity) bool
+
+    @property
+    def batch_size(self) -> int | None:
+        return None if self.positions is None else self.positions.shape[0]
+
+    def _grow(self, buf: torch.Tensor, needed: int) -> torch.Tensor:
+        if buf.shape[2] >= needed:
+            return buf
+        new_cap = max(needed, 2 * buf.shape[2])
+        grown = buf.new_empty(*buf.shape[:2], new_cap, *buf.shape[3:])
+        grown[:, :, : self.length] = buf[:, :, : self.length]
+        return grown
+
+    def layout(self, position_ids: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key positions and validity ``(B, length + L)`` for a call adding ``position_ids`` ``(B, L)``."""
+        if self.positions is None or self.length == 0:
+            return position_ids, valid
+        if self.positions.shape[0] != position_ids.shape[0]:
+            raise ValueError(
+                f"kv_cache holds {self.positions.shape[0]} samples but the call has {position_ids.shape[0]}; "
+                "use one cache per batch (or KVCache.select to drop samples)."
+            )
+        k_pos = torch.cat((self.positions[:, : self.length], position_ids), dim=1)
+        k_valid = torch.cat((self.valid[:, : self.length], valid), dim=1)
+        return k_pos, k_valid
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this call's ``k``/``v`` ``(B, H, L, hd)`` after the history; return history + new."""
+        end = self.length + k.shape[2]
+        if self.keys[layer] is None:
+            shape = (*k.shape[:2], max(self.capacity, end), k.shape[3])
+            self.keys[layer] = k.new_empty(shape)
+            self.values[layer] = v.new_empty((*v.shape[:2], shape[2], v.shape[3]))
+        self.keys[layer] = self._grow(self.keys[layer], end)
+        self.values[layer] = self._grow(self.values[layer], end)
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def commit(self, position_ids: torch.Tensor, valid: torch.Tensor) -> None:
+        """Make the keys/values written by the last call part of the history."""
+        end = self.length + position_ids.shape[1]
+        if self.positions is None:
+            cap = max(self.capacity, end)
+            self.positions = position_ids.new_zeros(position_ids.shape[0], cap)
+            self.valid = valid.new_zeros(valid.shape[0], cap)
+        if self.positions.shape[1] < end:
+            new_cap = max(end, 2 * self.positions.shape[1])
+            self.positions = torch.cat((self.positions, self.positions.new_zeros(self.positions.shape[0], new_cap - self.positions.shape[1])), 1)
+            self.valid = torch.cat((self.valid, self.valid.new_zeros(self.valid.shape[0], new_cap - self.valid.shape[1])), 1)
+        self.positions[:, self.length : end] = position_ids
+        self.valid[:, self.length : end] = valid
+        self.length = end
+
+    def select(self, index: torch.Tensor) -> "KVCache":
+        """A cache holding only the samples ``index`` (e.g. to drop finished samples)."""
+        out = KVCache(self.num_layers, self.capacity)
+        out.length = self.length
+        out.keys = [None if k is None else k[index] for k in self.keys]
+        out.values = [None if v is None else v[index] for v in self.values]
+        if self.positions is not None:
+            out.positions, out.valid = self.positions[index], self.valid[index]
+        return out
+
+
+def next_positions(cache: KVCache | None, batch_size: int, length: int, device) -> torch.Tensor:
+    """Positions ``(B, length)`` that continue each sample after its cached history (0 if none)."""
+    start = torch.zeros(batch_size, dtype=torch.long, device=device)
+    if cache is not None and cache.length > 0:
+        hist = cache.positions[:, : cache.length].masked_fill(~cache.valid[:, : cache.length], -1)
+        start = hist.max(dim=1).values + 1
+    return start[:, None] + torch.arange(length, device=device)

@@ -1,0 +1,341 @@
+"""``ColaPipeline``: Cola DLM text generation as a diffusers ``DiffusionPipeline``.
+
+Default numerics reproduce the official ``generate_task_repaint_inference`` (spec §5) token for token.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from .. import checkpoints
+from ..models import ColaDiT, ColaTextVAE
+from ..sampling.engine import CachedStream, guided_velocity, round_to, transport_block
+from ..sampling.schedules import official_sigmas
+from ..sampling.tokens import select_tokens
+from .prompting import PromptPlan, pad_to_blocks, plan_prompts
+
+OUTPUT_TYPES = ("text", "ids", "latent")
+SPECIAL_TOKENS = {"eos_token": "<|endoftext|>", "pad_token": "<|pad|>"}  # OLMo-2 names used by the release
+IM_END = "<|im_end|>"
+NOISE_SAMPLE_STRIDE, NOISE_BLOCK_STRIDE = 1_000, 10_000_000  # official per-sample seed: S + id·1e3 + block·1e7
+
+
+@dataclass
+class ColaPipelineOutput(BaseOutput):
+    """Output of :class:`ColaPipeline`.
+
+    Attributes:
+        texts: decoded ``sequences`` (``output_type="text"``), special tokens kept as the official code does.
+        sequences: generated ids per sample after the trim of re-decoded prompt tokens.
+        block_ids: ``(B, n_blocks·block_size)`` raw ids of every generated block, before the trim.
+        latents: ``(B, n_blocks·block_size, C)`` transported (normalised) latents of every block.
+        finished: ``(B,)`` whether each sample produced a stop id.
+    """
+
+    texts: list[str] | None
+    sequences: list[list[int]] | None
+    block_ids: torch.LongTensor | None
+    latents: torch.Tensor
+    finished: torch.BoolTensor
+
+
+class ColaPipeline(DiffusionPipeline):
+    r"""Block-wise latent text generation with a Cola text VAE and block-causal DiT prior.
+
+    Components: ``vae`` (:class:`ColaTextVAE`), ``transformer`` (:class:`ColaDiT`), ``scheduler``
+    (``FlowMatchEulerDiscreteScheduler``, used with explicit sigmas) and ``tokenizer`` (a fast tokenizer).
+    """
+
+    model_cpu_offload_seq = "vae->transformer"
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(
+        self,
+        vae: ColaTextVAE,
+        transformer: ColaDiT,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        tokenizer: PreTrainedTokenizerBase,
+    ):
+        super().__init__()
+        check_components(vae, transformer)
+        self.register_modules(vae=vae, transformer=transformer, scheduler=scheduler, tokenizer=tokenizer)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "ColaPipeline":
+        """Load a diffusers-layout folder, or the official release layout (``cola_dlm/cola_vae``,
+        ``cola_dlm/cola_dit``, ``tokenizer.json``), detected automatically."""
+        path = Path(pretrained_model_name_or_path)
+        if path.is_dir() and checkpoints.is_official_layout(path):
+            return cls.from_official(path, **kwargs)
+        if path.is_dir() and not (path / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"{path}: neither a diffusers pipeline (model_index.json) nor an official Cola release "
+                "(cola_dlm/cola_vae, cola_dlm/cola_dit, tokenizer.json)."
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def from_official(cls, path: str | os.PathLike, allow_pickle: bool = False, dtype: torch.dtype | None = None,
+                      **components) -> "ColaPipeline":
+        """Build from an official release folder; ``components`` override loaded ones."""
+        path = Path(path)
+        checkpoints.check_official_layout(path)
+        if "vae" not in components:
+            components["vae"] = checkpoints.model_from_official(ColaTextVAE, path / "cola_dlm" / "cola_vae", allow_pickle, dtype)
+        if "transformer" not in components:
+            components["transformer"] = checkpoints.model_from_official(ColaDiT, path / "cola_dlm" / "cola_dit", allow_pickle, dtype)
+        components.setdefault("tokenizer", load_tokenizer(path / "tokenizer.json"))
+        components.setdefault("scheduler", FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0))
+        return cls(**components)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def block_size(self) -> int:
+        return self.transformer.config.block_size
+
+    def default_stop_ids(self) -> list[int]:
+        """The tokenizer's eos id plus ``<|im_end|>`` if the vocabulary has it (the benchmark's stop ids)."""
+        ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        im_end = self.tokenizer.convert_tokens_to_ids(IM_END)
+        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id and im_end not in ids:
+            ids.append(im_end)
+        return ids
+
+    # ------------------------------------------------------------------ steps
+    def check_inputs(self, prompt, prompt_ids, max_new_tokens, num_inference_steps, guidance_scale, temperature,
+                     top_k, top_p, output_type, pad_token_id, callback_tensor_inputs, sample_ids) -> None:
+        if (prompt is None) == (prompt_ids is None):
+            raise ValueError("Pass exactly one of `prompt` (str or list of str) and `prompt_ids` (list of id lists).")
+        if prompt is not None:
+            items = [prompt] if isinstance(prompt, str) else prompt
+            if not isinstance(items, (list, tuple)) or not items or not all(isinstance(p, str) for p in items):
+                raise TypeError(f"`prompt` must be a str or a non-empty list of str, got {type(prompt).__name__}"
+                                f"{'' if not isinstance(prompt, (list, tuple)) else ' containing ' + ', '.join(sorted({type(p).__name__ for p in prompt}))}.")
+        checks = [
+            (isinstance(max_new_tokens, int) and max_new_tokens > 0, f"`max_new_tokens` must be a positive int, got {max_new_tokens!r}."),
+            (isinstance(num_inference_steps, int) and num_inference_steps >= 1, f"`num_inference_steps` must be an int >= 1, got {num_inference_steps!r}."),
+            (guidance_scale >= 0, f"`guidance_scale` must be >= 0 (1 disables guidance), got {guidance_scale}."),
+            (temperature >= 0, f"`temperature` must be >= 0 (0 = greedy), got {temperature}."),
+            (top_k is None or (isinstance(top_k, int) and top_k >= 0), f"`top_k` must be an int >= 0 or None (0 disables it), got {top_k!r}."),
+            (top_p is None or 0 < top_p <= 1, f"`top_p` must be in (0, 1] or None, got {top_p}."),
+            (output_type in OUTPUT_TYPES, f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}."),
+            (pad_token_id is not None, "No pad id: pass `pad_token_id` or use a tokenizer with a pad token."),
+            (set(callback_tensor_inputs) <= set(self._callback_tensor_inputs),
+             f"`callback_on_step_end_tensor_inputs` must be a subset of {self._callback_tensor_inputs}."),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        n = len(prompt_ids) if prompt_ids is not None else (1 if isinstance(prompt, str) else len(prompt))
+        if sample_ids is not None and len(sample_ids) != n:
+            raise ValueError(f"`sample_ids` has {len(sample_ids)} entries for {n} prompts.")
+
+    def tokenize(self, prompt: str | list[str]) -> list[list[int]]:
+        """Prompt ids as the official ``tokenizer.encode(text).ids`` (post-processor included)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        return [list(ids) for ids in self.tokenizer(prompts, add_special_tokens=True)["input_ids"]]
+
+    def encode_prompt(self, prompt_ids: list[list[int]], pad_token_id: int) -> PromptPlan:
+        """VAE-encode the block-padded prompts (posterior mode), normalise, and plan block 0."""
+        lengths = [len(ids) for ids in prompt_ids]
+        channels, bs = self.vae.config.latent_dim, self.block_size
+        latents = None
+        if max(lengths) > 0:
+            input_ids, mask = pad_to_blocks(prompt_ids, bs, pad_token_id)
+            device = self._execution_device
+            posterior = self.vae.encode(input_ids.to(device), mask.to(device))
+            latents = self.vae.normalize(posterior.mode().float())  # (B, Lmax, C), fp32 as the official
+        return plan_prompts(latents, lengths, bs, channels)
+
+    def prepare_latents(self, batch_size: int, block: int, generator, noise_seed, sample_ids, dtype) -> torch.Tensor:
+        """Initial noise ``(B, bs, C)`` of one block.
+
+        ``noise_seed`` reproduces the official per-sample scheme (CPU generator seeded with
+        ``seed + id·1000 + block·1e7``, independent of the batch); otherwise ``generator`` drives it.
+        """
+        shape = (batch_size, self.block_size, self.vae.config.latent_dim)
+        device = self._execution_device
+        if noise_seed is None:
+            return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        ids = sample_ids if sample_ids is not None else range(batch_size)
+        noise = [
+            torch.randn(shape[1:], generator=torch.Generator().manual_seed(noise_seed + int(i) * NOISE_SAMPLE_STRIDE + block * NOISE_BLOCK_STRIDE))
+            for i in ids
+        ]
+        return torch.stack(noise).to(device=device, dtype=dtype)
+
+    def prepare_history(self, plan: PromptPlan, rounding) -> tuple[CachedStream, CachedStream]:
+        """Caches of the prior and the decoder, prefilled with the prefix latents (spec §5.3 step 7).
+
+        The prior sees bf16-rounded history at t=0; the decoder history stays float32.
+        """
+        bsz, device = plan.prefix.shape[0], self._execution_device
+        prior = CachedStream(self.transformer, self.transformer.new_cache(), bsz, device)
+        decoder = CachedStream(self.vae.decode, self.vae.new_cache(), bsz, device)
+        if plan.prefix_valid.any():
+            prefix = plan.prefix.to(device)
+            prior.prefill(round_to(prefix, rounding), plan.prefix_valid.to(device), torch.zeros(plan.prefix_valid.shape, device=device))
+            decoder.prefill(prefix, plan.prefix_valid.to(device))
+        return prior, decoder
+
+    def num_blocks(self, max_new_tokens: int, plan: PromptPlan) -> int:
+        """⌈max_new_tokens / bs⌉, or 1 if any sample's budget does not fill its pinned block (official rule)."""
+        bs = self.block_size
+        if any(r and max_new_tokens < bs - r for r in plan.trim):
+            return 1
+        return math.ceil(max_new_tokens / bs)
+
+    # ------------------------------------------------------------------ call
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        max_new_tokens: int = 32,
+        num_inference_steps: int = 16,
+        guidance_scale: float = 7.0,
+        temperature: float = 0.0,
+        top_k: int | None = 50,
+        top_p: float | None = 0.9,
+        repetition_penalty: float = 1.1,
+        stop_token_ids: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        prompt_ids: list[list[int]] | None = None,
+        sample_ids: list[int] | None = None,
+        generator: torch.Generator | None = None,
+        noise_seed: int | None = None,
+        prior_input_rounding: torch.dtype | None = torch.bfloat16,
+        output_type: str = "text",
+        return_dict: bool = True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+    ):
+        r"""Generate text block by block.
+
+        Args:
+            prompt: one prompt or a list (``""`` = unconditional generation from an empty prefix).
+            max_new_tokens: token budget, spent in whole blocks (⌈max_new_tokens / block_size⌉ blocks).
+            num_inference_steps: Euler steps per block on the official grid ``linspace(1000, 0, N+1)``.
+            guidance_scale: CFG scale ``s`` in ``v = s·(cond − uncond) + uncond``; cond sees the history,
+                uncond the block alone. Block 0 of a sample with an empty prefix uses 1 (official rule).
+            temperature, top_k, top_p: sampling (``temperature < 1e-5`` is greedy; ``top_k=0`` / ``top_p=1``
+                disable the filters).
+            repetition_penalty: applied to every id of earlier blocks, also in greedy mode.
+            stop_token_ids: a sample is finished once a block contains one of them; generation stops
+                when all are finished. Default: :meth:`default_stop_ids`.
+            pad_token_id: id that pads prompts to whole blocks. Default: the tokenizer's pad token.
+            prompt_ids: pre-tokenised prompts instead of ``prompt`` (e.g. chat-wrapped ids).
+            sample_ids: ids used by the ``noise_seed`` scheme (default ``0…B-1``).
+            generator: drives the noise (when ``noise_seed`` is None) and token sampling.
+            noise_seed: official per-sample noise seeding (batch-independent).
+            prior_input_rounding: dtype the prior's inputs (latents, timesteps, history) are rounded
+                through; ``torch.bfloat16`` is the official algorithm, ``None`` disables rounding.
+            output_type: ``"text"`` (texts + ids), ``"ids"`` or ``"latent"`` (latents only).
+            callback_on_step_end: ``fn(pipe, step, timestep, {"latents": ...}) -> dict``; a returned
+                ``"latents"`` replaces the block latents.
+        """
+        pad_token_id = self.tokenizer.pad_token_id if pad_token_id is None else pad_token_id
+        self.check_inputs(prompt, prompt_ids, max_new_tokens, num_inference_steps, guidance_scale, temperature,
+                          top_k, top_p, output_type, pad_token_id, callback_on_step_end_tensor_inputs, sample_ids)
+        # 1. Prompts -> prefix latents and the pinned first block
+        ids = self.tokenize(prompt) if prompt is not None else [list(p) for p in prompt_ids]
+        plan = self.encode_prompt(ids, pad_token_id)
+        stop_ids = self.default_stop_ids() if stop_token_ids is None else [stop_token_ids] if isinstance(stop_token_ids, int) else list(stop_token_ids)
+        # 2. Prefill the prior and decoder histories
+        prior, decoder = self.prepare_history(plan, prior_input_rounding)
+        # 3. Block loop: transport, decode, choose tokens, commit
+        blocks = self._generate_blocks(plan, prior, decoder, max_new_tokens, num_inference_steps, guidance_scale,
+                                       dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, generator=generator),
+                                       stop_ids, generator, noise_seed, sample_ids, prior_input_rounding,
+                                       callback_on_step_end, callback_on_step_end_tensor_inputs)
+        # 4. Postprocess
+        output = self.postprocess(*blocks, plan, output_type)
+        self.maybe_free_model_hooks()
+        return output if return_dict else output.to_tuple()
+
+    def _generate_blocks(self, plan, prior, decoder, max_new_tokens, num_steps, guidance_scale, sampling, stop_ids,
+                         generator, noise_seed, sample_ids, rounding, callback, callback_inputs):
+        bsz, device = plan.prefix.shape[0], self._execution_device
+        n_blocks, sigmas = self.num_blocks(max_new_tokens, plan), official_sigmas(num_steps)
+        full_scale = torch.full((bsz,), float(guidance_scale), device=device)
+        stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
+        token_blocks, latent_blocks, finished = [], [], torch.zeros(bsz, dtype=torch.bool, device=device)
+        with self.progress_bar(total=n_blocks * num_steps) as bar:
+            for b in range(n_blocks):
+                first = b == 0
+                scale = torch.where(plan.has_prefix.to(device), full_scale, 1.0) if first else full_scale
+                noise = self.prepare_latents(bsz, b, generator, noise_seed, sample_ids, torch.float32)
+                on_step = self._step_callback(callback, callback_inputs, b * num_steps, bar)
+                z = transport_block(guided_velocity(self.transformer, prior, scale, rounding), noise, self.scheduler,
+                                    sigmas, plan.pinned.to(device) if first and plan.any_pinned else None,
+                                    plan.pinned_values.to(device), on_step)
+                logits = decoder.query(z, commit=True)  # (B, bs·p, V)
+                history = torch.cat(token_blocks, 1) if token_blocks else None
+                tokens = select_tokens(logits, history, **sampling)
+                token_blocks.append(tokens)
+                latent_blocks.append(z)
+                finished |= torch.isin(tokens, stop).any(1)
+                if b == n_blocks - 1 or bool(finished.all()):
+                    break
+                prior.query(round_to(z, rounding), torch.zeros(z.shape[:2], device=device), commit=True)
+        return torch.cat(token_blocks, 1), torch.cat(latent_blocks, 1), finished
+
+    def _step_callback(self, callback, tensor_inputs, offset: int, bar):
+        def on_step(i, t, latents):
+            bar.update()
+            if callback is None:
+                return latents
+            kwargs = {}
+            for name in tensor_inputs:
+                kwargs[name] = latents
+            out = callback(self, offset + i, t, kwargs) or {}
+            return out.get("latents", latents)
+
+        return on_step
+
+    def postprocess(self, block_ids, latents, finished, plan: PromptPlan, output_type: str) -> ColaPipelineOutput:
+        if output_type == "latent":
+            return ColaPipelineOutput(None, None, None, latents, finished)
+        sequences = [row[trim:] for row, trim in zip(block_ids.tolist(), plan.trim)]
+        texts = None
+        if output_type == "text":
+            texts = self.tokenizer.batch_decode(sequences, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return ColaPipelineOutput(texts, sequences, block_ids, latents, finished)
+
+
+def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
+    """A fast tokenizer from ``tokenizer.json``, with the release's eos/pad tokens set when present."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: tokenizer file not found (expected a tokenizers `tokenizer.json`).")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path))
+    vocab = tokenizer.get_vocab()
+    tokenizer.add_special_tokens({k: v for k, v in SPECIAL_TOKENS.items() if v in vocab})
+    return tokenizer
+
+
+def check_components(vae: ColaTextVAE, transformer: ColaDiT) -> None:
+    """Cross-model constraints the official code never checks (spec §7.15, §7.23)."""
+    latent, cin, cout = vae.config.latent_dim, transformer.config.txt_in_channels, transformer.config.txt_out_channels
+    if not latent == cin == cout:
+        raise ValueError(
+            f"VAE latent_dim={latent} must equal the transformer's txt_in_channels={cin} and "
+            f"txt_out_channels={cout}: the prior models the VAE's latents. Use a matching pair."
+        )
+    if vae.config.block_size != transformer.config.block_size:
+        raise ValueError(
+            f"VAE block_size={vae.config.block_size} != transformer block_size={transformer.config.block_size}: "
+            "the decoder's blocks must line up with the generation blocks."
+        )
+    if vae.config.patch_size != 1 or transformer.config.patch_size != 1:
+        raise ValueError("Block-wise generation needs patch_size=1 in both models (the official inference "
+                         "is incoherent for patch_size > 1, spec §7.15).")

@@ -1,0 +1,118 @@
+"""The shared block-causal flow-matching engine.
+
+A *block* is a run of latent tokens ``(B, L, C)``; nothing here knows whether they are text, image
+patches or video frames. The engine has three pieces:
+
+* :class:`CachedStream` — one model's committed history in an explicit :class:`~colabridge.KVCache`
+  (the prior's, or a decoder's), with per-sample positions so samples with different history lengths
+  share one batch.
+* :func:`guided_velocity` — classifier-free guidance where *cond* sees the history and *uncond* sees
+  the block alone (positions ``0…L-1``), the official Cola convention (spec §5.4 step 3).
+* :func:`transport_block` — integrates the block from σ=1 (noise) to σ=0 with a diffusers flow-match
+  scheduler, keeping *pinned* tokens at given values with timestep 0 (the official "repaint" of a
+  partial prompt block).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..models.cache import KVCache
+from .schedules import NUM_TRAIN_TIMESTEPS
+
+
+def round_to(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """Round ``x`` through ``dtype`` and back (the official bf16 rounding of DiT inputs); no-op if None."""
+    return x if dtype is None or x.dtype == dtype else x.to(dtype).to(x.dtype)
+
+
+class CachedStream:
+    """History of one cached model for a batch: KV cache + per-sample committed length.
+
+    ``model`` must accept ``(x, *args, position_ids=, valid=, kv_cache=, commit=)``; both
+    :class:`~colabridge.ColaDiT` and :meth:`ColaTextVAE.decode` do.
+    """
+
+    def __init__(self, model: Callable, cache: KVCache, batch_size: int, device: torch.device):
+        self.model, self.cache = model, cache
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    def positions(self, length: int) -> torch.Tensor:
+        """Positions ``(B, length)`` of the next ``length`` tokens of every sample."""
+        return self.lengths[:, None] + torch.arange(length, device=self.lengths.device)
+
+    def prefill(self, x: torch.Tensor, valid: torch.Tensor, *args, **kwargs):
+        """Commit a left-padded history ``x`` ``(B, P, C)``; ``valid`` ``(B, P)`` marks real tokens."""
+        pos = (valid.long().cumsum(1) - 1).clamp(min=0) + self.lengths[:, None]
+        out = self.model(x, *args, position_ids=pos, valid=valid, kv_cache=self.cache, commit=True, **kwargs)
+        self.lengths = self.lengths + valid.sum(1)
+        return out
+
+    def query(self, x: torch.Tensor, *args, commit: bool = False, **kwargs):
+        """Run the model on a block after the history; ``commit`` appends it to the history."""
+        out = self.model(x, *args, position_ids=self.positions(x.shape[1]), kv_cache=self.cache, commit=commit, **kwargs)
+        if commit:
+            self.lengths = self.lengths + x.shape[1]
+        return out
+
+
+def guided_velocity(
+    prior: Callable,
+    history: CachedStream,
+    guidance_scale: torch.Tensor,
+    input_rounding: torch.dtype | None = None,
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Velocity function ``v(latents (B,L,C), timesteps (B,L))`` with history-vs-alone CFG.
+
+    ``v = s·(cond − uncond) + uncond`` with ``s`` = ``guidance_scale`` ``(B,)``. *uncond* is the same
+    block with no history at positions ``0…L−1``. ``input_rounding`` rounds latents and timesteps
+    before the prior (bf16 in the official algorithm, spec §5.5).
+    """
+    scale = guidance_scale[:, None, None]
+
+    def velocity(latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        x, t = round_to(latents, input_rounding), round_to(timesteps, input_rounding)
+        cond = history.query(x, t).sample
+        uncond = prior(x, t).sample
+        return scale * (cond - uncond) + uncond
+
+    return velocity
+
+
+def pin(latents: torch.Tensor, pinned: torch.Tensor | None, values: torch.Tensor | None) -> torch.Tensor:
+    """Overwrite pinned tokens ``(B, L)`` with ``values`` ``(B, L, C)``."""
+    return latents if pinned is None else torch.where(pinned[..., None], values, latents)
+
+
+def transport_block(
+    velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    latents: torch.Tensor,
+    scheduler,
+    sigmas,
+    pinned: torch.Tensor | None = None,
+    pinned_values: torch.Tensor | None = None,
+    on_step: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Euler-integrate one block of ``latents`` ``(B, L, C)`` from noise (σ=1) to data (σ=0).
+
+    Uses ``scheduler`` (a diffusers ``FlowMatchEulerDiscreteScheduler``) with explicit ``sigmas`` so the
+    grid is exact. Pinned tokens sit at their values with timestep 0 during every model call and are
+    re-pinned after every step (per-token timesteps). ``on_step(i, t, latents)`` may return new latents.
+    """
+    scheduler.set_timesteps(sigmas=sigmas, device=latents.device)
+    for i, t in enumerate(scheduler.timesteps):
+        latents = pin(latents, pinned, pinned_values)
+        timesteps = torch.full(latents.shape[:2], float(t), device=latents.device)
+        if pinned is not None:
+            timesteps = timesteps.masked_fill(pinned, 0.0)
+        v = velocity(latents, timesteps)
+        latents = scheduler.step(v, t, latents, return_dict=False)[0]
+        latents = pin(latents, pinned, pinned_values)
+        if on_step is not None:
+            latents = on_step(i, t, latents)
+    return latents
+
+
+__all__ = ["CachedStream", "NUM_TRAIN_TIMESTEPS", "guided_velocity", "pin", "round_to", "transport_block"]
