@@ -48,6 +48,45 @@ class ColaPipelineOutput(BaseOutput):
     finished: torch.BoolTensor
 
 
+@dataclass
+class ColaStreamChunk(BaseOutput):
+    """One decoded block from :meth:`ColaPipeline.stream`: new ids (after the trim) and new text per sample."""
+
+    block_index: int
+    ids: list[list[int]]
+    texts: list[str]
+    latents: torch.Tensor
+    finished: torch.BoolTensor
+
+
+@dataclass
+class _Block:
+    index: int
+    tokens: torch.LongTensor  # (B, bs)
+    latents: torch.Tensor  # (B, bs, C)
+    finished: torch.BoolTensor  # (B,)
+
+
+@dataclass
+class _Run:
+    """Everything a block loop needs, prepared by ``ColaPipeline._start``."""
+
+    plan: PromptPlan
+    prior: CachedStream
+    decoder: CachedStream
+    num_blocks: int
+    num_steps: int
+    guidance_scale: float
+    sampling: dict
+    stop: torch.Tensor
+    generator: torch.Generator | None
+    noise_seed: int | None
+    sample_ids: list[int] | None
+    rounding: torch.dtype | None
+    callback: object
+    callback_inputs: list[str]
+
+
 class ColaPipeline(DiffusionPipeline):
     r"""Block-wise latent text generation with a Cola text VAE and block-causal DiT prior.
 
@@ -197,29 +236,8 @@ class ColaPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ call
     @torch.inference_mode()
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        max_new_tokens: int = 32,
-        num_inference_steps: int = 16,
-        guidance_scale: float = 7.0,
-        temperature: float = 0.0,
-        top_k: int | None = 50,
-        top_p: float | None = 0.9,
-        repetition_penalty: float = 1.1,
-        stop_token_ids: int | list[int] | None = None,
-        pad_token_id: int | None = None,
-        prompt_ids: list[list[int]] | None = None,
-        sample_ids: list[int] | None = None,
-        generator: torch.Generator | None = None,
-        noise_seed: int | None = None,
-        prior_input_rounding: torch.dtype | None = torch.bfloat16,
-        output_type: str = "text",
-        return_dict: bool = True,
-        callback_on_step_end=None,
-        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
-    ):
-        r"""Generate text block by block.
+    def __call__(self, prompt: str | list[str] | None = None, *, return_dict: bool = True, **kwargs):
+        r"""Generate text block by block; returns :class:`ColaPipelineOutput`.
 
         Args:
             prompt: one prompt or a list (``""`` = unconditional generation from an empty prefix).
@@ -243,51 +261,91 @@ class ColaPipeline(DiffusionPipeline):
             callback_on_step_end: ``fn(pipe, step, timestep, {"latents": ...}) -> dict``; a returned
                 ``"latents"`` replaces the block latents.
         """
-        pad_token_id = self.tokenizer.pad_token_id if pad_token_id is None else pad_token_id
-        self.check_inputs(prompt, prompt_ids, max_new_tokens, num_inference_steps, guidance_scale, temperature,
-                          top_k, top_p, output_type, pad_token_id, callback_on_step_end_tensor_inputs, sample_ids)
-        # 1. Prompts -> prefix latents and the pinned first block
-        ids = self.tokenize(prompt) if prompt is not None else [list(p) for p in prompt_ids]
-        plan = self.encode_prompt(ids, pad_token_id)
-        stop_ids = self.default_stop_ids() if stop_token_ids is None else [stop_token_ids] if isinstance(stop_token_ids, int) else list(stop_token_ids)
-        # 2. Prefill the prior and decoder histories
-        prior, decoder = self.prepare_history(plan, prior_input_rounding)
-        # 3. Block loop: transport, decode, choose tokens, commit
-        blocks = self._generate_blocks(plan, prior, decoder, max_new_tokens, num_inference_steps, guidance_scale,
-                                       dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, generator=generator),
-                                       stop_ids, generator, noise_seed, sample_ids, prior_input_rounding,
-                                       callback_on_step_end, callback_on_step_end_tensor_inputs)
-        # 4. Postprocess
-        output = self.postprocess(*blocks, plan, output_type)
+        output_type = kwargs.pop("output_type", "text")
+        run = self._start(prompt, output_type=output_type, **kwargs)
+        blocks = list(self._iter_blocks(run))
+        output = self.postprocess(blocks, run.plan, output_type)
         self.maybe_free_model_hooks()
         return output if return_dict else output.to_tuple()
 
-    def _generate_blocks(self, plan, prior, decoder, max_new_tokens, num_steps, guidance_scale, sampling, stop_ids,
-                         generator, noise_seed, sample_ids, rounding, callback, callback_inputs):
-        bsz, device = plan.prefix.shape[0], self._execution_device
-        n_blocks, sigmas = self.num_blocks(max_new_tokens, plan), official_sigmas(num_steps)
-        full_scale = torch.full((bsz,), float(guidance_scale), device=device)
-        stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
-        token_blocks, latent_blocks, finished = [], [], torch.zeros(bsz, dtype=torch.bool, device=device)
-        with self.progress_bar(total=n_blocks * num_steps) as bar:
-            for b in range(n_blocks):
+    @torch.inference_mode()
+    def stream(self, prompt: str | list[str] | None = None, **kwargs):
+        """Yield a :class:`ColaStreamChunk` per block as soon as it is decoded (same arguments as ``__call__``)."""
+        run = self._start(prompt, output_type="text", **kwargs)
+        texts = [""] * len(run.plan.trim)
+        ids: list[list[int]] = [[] for _ in run.plan.trim]
+        for block in self._iter_blocks(run):
+            new_ids = block.tokens.tolist()
+            if block.index == 0:
+                new_ids = [row[t:] for row, t in zip(new_ids, run.plan.trim)]
+            ids = [old + new for old, new in zip(ids, new_ids)]
+            full = self.tokenizer.batch_decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            deltas = [f[len(t):] if f.startswith(t) else f for f, t in zip(full, texts)]
+            texts = full
+            yield ColaStreamChunk(block.index, new_ids, deltas, block.latents, block.finished.clone())
+
+    def _start(
+        self,
+        prompt=None,
+        max_new_tokens: int = 32,
+        num_inference_steps: int = 16,
+        guidance_scale: float = 7.0,
+        temperature: float = 0.0,
+        top_k: int | None = 50,
+        top_p: float | None = 0.9,
+        repetition_penalty: float = 1.1,
+        stop_token_ids: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        prompt_ids: list[list[int]] | None = None,
+        sample_ids: list[int] | None = None,
+        generator: torch.Generator | None = None,
+        noise_seed: int | None = None,
+        prior_input_rounding: torch.dtype | None = torch.bfloat16,
+        output_type: str = "text",
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+    ) -> "_Run":
+        """Validate inputs, encode prompts and prefill the histories (steps 0–2 of a call)."""
+        pad_token_id = self.tokenizer.pad_token_id if pad_token_id is None else pad_token_id
+        self.check_inputs(prompt, prompt_ids, max_new_tokens, num_inference_steps, guidance_scale, temperature,
+                          top_k, top_p, output_type, pad_token_id, callback_on_step_end_tensor_inputs, sample_ids)
+        ids = self.tokenize(prompt) if prompt is not None else [list(p) for p in prompt_ids]
+        plan = self.encode_prompt(ids, pad_token_id)
+        if stop_token_ids is None:
+            stop_token_ids = self.default_stop_ids()
+        stop = torch.tensor([stop_token_ids] if isinstance(stop_token_ids, int) else list(stop_token_ids), dtype=torch.long)
+        prior, decoder = self.prepare_history(plan, prior_input_rounding)
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p,
+                        repetition_penalty=repetition_penalty, generator=generator)
+        return _Run(plan, prior, decoder, self.num_blocks(max_new_tokens, plan), num_inference_steps,
+                    float(guidance_scale), sampling, stop, generator, noise_seed, sample_ids, prior_input_rounding,
+                    callback_on_step_end, list(callback_on_step_end_tensor_inputs))
+
+    def _iter_blocks(self, run: "_Run"):
+        """Step 3, one block per iteration: noise → transport → decode → choose tokens → commit."""
+        plan, device = run.plan, self._execution_device
+        bsz = plan.prefix.shape[0]
+        sigmas = official_sigmas(run.num_steps)
+        full_scale = torch.full((bsz,), run.guidance_scale, device=device)
+        stop, history = run.stop.to(device), None
+        finished = torch.zeros(bsz, dtype=torch.bool, device=device)
+        with self.progress_bar(total=run.num_blocks * run.num_steps) as bar:
+            for b in range(run.num_blocks):
                 first = b == 0
                 scale = torch.where(plan.has_prefix.to(device), full_scale, 1.0) if first else full_scale
-                noise = self.prepare_latents(bsz, b, generator, noise_seed, sample_ids, torch.float32)
-                on_step = self._step_callback(callback, callback_inputs, b * num_steps, bar)
-                z = transport_block(guided_velocity(self.transformer, prior, scale, rounding), noise, self.scheduler,
-                                    sigmas, plan.pinned.to(device) if first and plan.any_pinned else None,
-                                    plan.pinned_values.to(device), on_step)
-                logits = decoder.query(z, commit=True)  # (B, bs·p, V)
-                history = torch.cat(token_blocks, 1) if token_blocks else None
-                tokens = select_tokens(logits, history, **sampling)
-                token_blocks.append(tokens)
-                latent_blocks.append(z)
-                finished |= torch.isin(tokens, stop).any(1)
-                if b == n_blocks - 1 or bool(finished.all()):
+                noise = self.prepare_latents(bsz, b, run.generator, run.noise_seed, run.sample_ids, torch.float32)
+                on_step = self._step_callback(run.callback, run.callback_inputs, b * run.num_steps, bar)
+                pinned = plan.pinned.to(device) if first and plan.any_pinned else None
+                velocity = guided_velocity(self.transformer, run.prior, scale, run.rounding)
+                z = transport_block(velocity, noise, self.scheduler, sigmas, pinned, plan.pinned_values.to(device), on_step)
+                logits = run.decoder.query(z, commit=True)  # (B, bs·p, V)
+                tokens = select_tokens(logits, history, **run.sampling)
+                history = tokens if history is None else torch.cat((history, tokens), 1)
+                finished = finished | torch.isin(tokens, stop).any(1)
+                yield _Block(b, tokens, z, finished)
+                if b == run.num_blocks - 1 or bool(finished.all()):
                     break
-                prior.query(round_to(z, rounding), torch.zeros(z.shape[:2], device=device), commit=True)
-        return torch.cat(token_blocks, 1), torch.cat(latent_blocks, 1), finished
+                run.prior.query(round_to(z, run.rounding), torch.zeros(z.shape[:2], device=device), commit=True)
 
     def _step_callback(self, callback, tensor_inputs, offset: int, bar):
         def on_step(i, t, latents):
@@ -302,7 +360,11 @@ class ColaPipeline(DiffusionPipeline):
 
         return on_step
 
-    def postprocess(self, block_ids, latents, finished, plan: PromptPlan, output_type: str) -> ColaPipelineOutput:
+    def postprocess(self, blocks: list["_Block"], plan: PromptPlan, output_type: str) -> ColaPipelineOutput:
+        """Step 4: concatenate blocks, trim re-decoded prompt tokens, decode text."""
+        block_ids = torch.cat([b.tokens for b in blocks], 1)
+        latents = torch.cat([b.latents for b in blocks], 1)
+        finished = blocks[-1].finished
         if output_type == "latent":
             return ColaPipelineOutput(None, None, None, latents, finished)
         sequences = [row[trim:] for row, trim in zip(block_ids.tolist(), plan.trim)]
