@@ -210,6 +210,7 @@ class ColaDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         valid: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         commit: bool = False,
+        attention_mask: torch.Tensor | None = None,
         return_dict: bool = True,
     ):
         r"""Velocity field v_ψ(z_t, t; history) for queries ``sample`` ``(B, L, C_in)``.
@@ -221,6 +222,8 @@ class ColaDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
             valid: ``(B, L)`` False for padding rows (their outputs are meaningless but finite).
             kv_cache: history keys/values; queries attend to history ∪ themselves, block-causally.
             commit: append this call's keys/values to ``kv_cache`` (official ``update_kv=True``).
+            attention_mask: optional boolean ``(B, 1, L, L_history + L)`` replacing the block-causal mask
+                (e.g. the training-time "clean copy beside noisy copy" mask).
         """
         x = self.txt_in(self._patchify(sample))  # (B, L, D)
         bsz, n, _ = x.shape
@@ -229,7 +232,9 @@ class ColaDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if valid is None:
             valid = torch.ones(bsz, n, dtype=torch.bool, device=x.device)
         k_pos, k_valid = (position_ids, valid) if kv_cache is None else kv_cache.layout(position_ids, valid)
-        mask = block_causal_mask(position_ids, k_pos, k_valid, self.config.block_size, valid)
+        mask = attention_mask
+        if mask is None:
+            mask = block_causal_mask(position_ids, k_pos, k_valid, self.config.block_size, valid)
         rope = interleaved_rope_tables(position_ids, self.blocks[0].msa.rope.rope.freqs)
         emb = F.silu(self.emb_in(_per_token(timestep, bsz, n, x.device), x.dtype))  # (B, L, E)
         for i, block in enumerate(self.blocks):
