@@ -1,0 +1,204 @@
+"""Training objectives: finiteness, descent on a fixed batch, the 2L mask, and train/inference consistency."""
+
+import copy
+
+import pytest
+import torch
+
+from colabridge import ColaDiT, ColaTextVAE
+from colabridge.training.losses import (
+    FlowMatchingConfig,
+    JointLossConfig,
+    VAELossConfig,
+    estimate_latent_stats,
+    flow_matching_loss,
+    gaussian_kl,
+    joint_loss,
+    mask_tokens,
+    sample_timesteps,
+    store_latent_stats,
+    two_l_mask,
+    two_l_velocity,
+    vae_loss,
+)
+
+VOCAB, LATENT, BLOCK = 40, 8, 4
+
+
+def tiny_vae(seed=0):
+    torch.manual_seed(seed)
+    return ColaTextVAE(vocab_size=VOCAB, encoder_num_blocks=1, decoder_num_blocks=1, dim=32, ffn_dim=64,
+                       latent_dim=LATENT, num_heads=2, block_size=BLOCK)
+
+
+def tiny_dit(seed=0, randomize=False):
+    torch.manual_seed(seed)
+    dit = ColaDiT(txt_in_channels=LATENT, txt_out_channels=LATENT, txt_dim=32, emb_dim=32, heads=2, head_dim=16,
+                  num_layers=2, rope_dim=8, block_size=BLOCK)
+    if randomize:  # adaLN-Zero starts at v = 0; perturb so outputs depend on the attention pattern
+        with torch.no_grad():
+            for p in dit.parameters():
+                p.add_(0.2 * torch.randn_like(p))
+    return dit
+
+
+def batch(seed=0, bsz=3, length=12):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (bsz, length), generator=g)
+    mask = torch.ones(bsz, length, dtype=torch.bool)
+    mask[0, -3:] = False  # padding tail excluded from the loss
+    return ids, mask
+
+
+def descend(params, loss_fn, steps=6, lr=3e-3):
+    opt = torch.optim.Adam(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss, logs = loss_fn(torch.Generator().manual_seed(1))  # same noise every step: a fixed objective
+        assert torch.isfinite(loss) and all(torch.isfinite(v) for v in logs.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_two_l_mask_matches_table():
+    pos = torch.arange(4)[None]
+    got = two_l_mask(pos, 2)[0, 0].int()
+    #          c0 c1 c2 c3 n0 n1 n2 n3
+    table = [[1, 1, 0, 0, 0, 0, 0, 0],  # c0
+             [1, 1, 0, 0, 0, 0, 0, 0],  # c1
+             [1, 1, 1, 1, 0, 0, 0, 0],  # c2
+             [1, 1, 1, 1, 0, 0, 0, 0],  # c3
+             [0, 0, 0, 0, 1, 1, 0, 0],  # n0
+             [0, 0, 0, 0, 1, 1, 0, 0],  # n1
+             [1, 1, 0, 0, 0, 0, 1, 1],  # n2
+             [1, 1, 0, 0, 0, 0, 1, 1]]  # n3
+    assert got.tolist() == table
+
+
+def test_two_l_mask_padding_and_per_sample_block_sizes():
+    pos = torch.arange(4).expand(2, 4)
+    valid = torch.tensor([[True, True, True, False], [True] * 4])
+    m = two_l_mask(pos, torch.tensor([2, 1]), valid)[:, 0]
+    real = [0, 1, 2, 4, 5, 6]
+    assert not m[0, real, 3].any() and not m[0, real, 7].any()  # padded keys hidden from real queries
+    assert not m[0, 6, 3] and not m[0, 6, 7]  # real noisy query n2 sees neither padded copy
+    assert m[0, 3].all() and m[0, 7].all()  # padding queries see everything (finite outputs)
+    # block size 1: noisy query n2 sees clean 0,1 and only itself among noisy keys
+    assert m[1, 6].int().tolist() == [1, 1, 0, 0, 0, 0, 1, 0]
+
+
+def test_two_l_forward_equals_cached_block_by_block():
+    dit = tiny_dit(randomize=True).eval()
+    g = torch.Generator().manual_seed(3)
+    bsz, n_blocks = 2, 3
+    z0 = torch.randn(bsz, n_blocks * BLOCK, LATENT, generator=g)
+    zt = torch.randn(bsz, n_blocks * BLOCK, LATENT, generator=g)
+    t = torch.rand(bsz, generator=g)[:, None].expand(bsz, n_blocks * BLOCK) * 1000
+    with torch.no_grad():
+        full = two_l_velocity(dit, z0, zt, t, BLOCK)
+        cache, outs = dit.new_cache(), []
+        for b in range(n_blocks):
+            sl = slice(b * BLOCK, (b + 1) * BLOCK)
+            outs.append(dit(zt[:, sl], t[:, sl], kv_cache=cache).sample)  # noisy block over clean history
+            dit(z0[:, sl], torch.zeros(bsz, BLOCK), kv_cache=cache, commit=True)  # commit clean block
+    torch.testing.assert_close(full, torch.cat(outs, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_mask_tokens_respects_weights():
+    ids = torch.arange(20).expand(4, 20)
+    weights = torch.zeros(4, 20, dtype=torch.bool)
+    weights[:, :10] = True
+    masked_ids, masked = mask_tokens(ids, 99, 0.5, weights, torch.Generator().manual_seed(0))
+    assert masked.any() and not masked[:, 10:].any()
+    assert (masked_ids[masked] == 99).all() and (masked_ids[~masked] == ids[~masked]).all()
+
+
+def test_timestep_densities():
+    g = torch.Generator().manual_seed(0)
+    t = sample_timesteps(4000, FlowMatchingConfig(logit_loc=1.0), generator=g)
+    assert 0 < t.min() and t.max() < 1 and t.median() > 0.65  # sigmoid(1) = 0.73
+    u = sample_timesteps(4000, FlowMatchingConfig(timestep_density="uniform"), generator=g)
+    assert abs(u.mean().item() - 0.5) < 0.03
+    with pytest.raises(ValueError, match="timestep_density"):
+        FlowMatchingConfig(timestep_density="cosine")
+
+
+def test_gaussian_kl_zero_for_identical_and_positive_otherwise():
+    from colabridge.models.text_vae import TextLatentPosterior
+
+    q = TextLatentPosterior(torch.randn(2, 3, 4), torch.randn(2, 3, 4))
+    assert gaussian_kl(q, q).abs().max() < 1e-6
+    p = TextLatentPosterior(q.mean + 0.5, q.logvar)
+    assert (gaussian_kl(q, p) > 0).all()
+
+
+def test_vae_loss_decreases():
+    vae = tiny_vae()
+    ids, mask = batch()
+    cfg = VAELossConfig(mask_weight=0.5, kl_weight=1e-3)
+    losses = descend(vae.parameters(), lambda g: vae_loss(vae, ids, mask, cfg, generator=g))
+    assert losses[-1] < losses[0]
+    _, logs = vae_loss(vae, ids, mask, cfg)
+    assert set(logs) == {"loss", "recon", "kl", "mask", "acc"}
+
+
+def test_flow_matching_loss_decreases():
+    dit = tiny_dit()
+    z0 = torch.randn(3, 12, LATENT, generator=torch.Generator().manual_seed(0))
+    cfg = FlowMatchingConfig(block_sizes=[1, 2, 4], prompt_block_prob=0.3)
+    losses = descend(dit.parameters(), lambda g: flow_matching_loss(dit, z0, cfg=cfg, generator=g))
+    assert losses[-1] < losses[0]
+
+
+def test_joint_loss_decreases_and_reaches_encoder():
+    vae, dit = tiny_vae(), tiny_dit()
+    ref = copy.deepcopy(vae).requires_grad_(False)
+    ids, mask = batch()
+    cfg = JointLossConfig(ref_weight=0.1)
+    params = list(vae.parameters()) + list(dit.parameters())
+    losses = descend(params, lambda g: joint_loss(vae, dit, ids, mask, cfg, ref, generator=g))
+    assert losses[-1] < losses[0]
+    _, logs = joint_loss(vae, dit, ids, mask, cfg, ref)
+    assert {"recon", "mask", "kl", "fm", "ref_kl", "loss"} <= set(logs)
+
+
+def test_fm_gradient_reaches_encoder_unless_detached():
+    vae, dit = tiny_vae(), tiny_dit(randomize=True)
+    ids, mask = batch()
+    only_fm = dict(vae_weight=0.0, ref_weight=0.0)
+    for detach, expect in ((False, True), (True, False)):
+        vae.zero_grad()
+        loss, _ = joint_loss(vae, dit, ids, mask, JointLossConfig(detach_latents=detach, **only_fm))
+        loss.backward()
+        grad = vae.encoder.final_layer.weight.grad
+        assert (grad is not None and grad.abs().sum() > 0) == expect
+
+
+def test_freeze_vae_mode_trains_only_the_dit():
+    vae, dit = tiny_vae(), tiny_dit()
+    ids, mask = batch()
+    loss, logs = joint_loss(vae, dit, ids, mask, JointLossConfig(freeze_vae=True))
+    loss.backward()
+    assert all(p.grad is None for p in vae.parameters())
+    assert any(p.grad is not None for p in dit.parameters())
+    assert "recon" not in logs and "fm" in logs
+
+
+def test_joint_needs_reference_when_weighted():
+    vae, dit = tiny_vae(), tiny_dit()
+    ids, mask = batch()
+    with pytest.raises(ValueError, match="ref_vae"):
+        joint_loss(vae, dit, ids, mask, JointLossConfig(ref_weight=1.0))
+
+
+def test_latent_stats_normalise_latents():
+    vae = tiny_vae()
+    batches = [batch(seed=s) for s in range(3)]
+    shift, scale = estimate_latent_stats(vae, batches)
+    store_latent_stats(vae, shift, scale)
+    assert vae.config.shifting_factor == pytest.approx(shift) and vae.config.scaling_factor == pytest.approx(scale)
+    z = torch.cat([vae.normalize(vae.encode(ids).mode())[m] for ids, m in batches])
+    assert abs(z.mean().item()) < 1e-4 and abs(z.std().item() - 1) < 1e-2
