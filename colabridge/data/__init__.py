@@ -1,0 +1,1 @@
+"""Data: text corpora and packing (:mod:`.text`)."""
