@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--allow-pickle", action="store_true", help="accept pytorch_model.bin pickles (trusted sources only)")
     conv.add_argument("--max-shard-mb", type=float, default=None, help="shard the official DiT weights above this size")
     conv.set_defaults(func=cmd_convert)
+    from .training.cli import add_train_parser  # `colabridge train vae|joint --config FILE.json`
+    add_train_parser(sub)
     return parser
 
 

@@ -1,0 +1,516 @@
+r"""accelerate trainer for Cola Stage 1 (VAE) and Stage 2 (joint VAE + DiT, or DiT-only on a frozen VAE).
+
+One code path for one process, DDP, FSDP or DeepSpeed: the run is an ``Accelerator`` with gradient
+accumulation; the model handed to ``accelerator.prepare`` is an :class:`Objective` module whose
+``forward`` returns ``(loss, logs)``, so DDP's gradient hooks see every parameter the loss uses.
+
+Exact resume. The data order is a pure function of ``(seed, micro-step)`` (:class:`BatchPlan`), the
+random streams (posterior noise, timesteps, z1) use the global RNGs that ``save_state`` stores per
+process, and checkpoints are written to a temporary folder then renamed (``checkpoint-<step>``), so a
+run killed at any moment resumes from its last complete checkpoint and reproduces the losses of an
+uninterrupted run.
+
+Outputs under ``output_dir``: ``tokenizer.json``, ``losses.csv`` + ``losses.png``, ``eval.jsonl``,
+``checkpoints/checkpoint-<step>/``, and at the end ``vae/`` (+ ``transformer/`` and ``pipeline/``
+for Stage 2).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..models import ColaDiT, ColaTextVAE
+from . import losses as L
+from .curves import plot_losses
+
+STAGES = ("vae", "joint")
+CHECKPOINT_PREFIX = "checkpoint-"
+TMP_PREFIX = ".tmp-"
+STATE_FILE = "trainer_state.json"
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it is cut (see :mod:`colabridge.data.text`).
+
+    Attributes:
+        source: ``"wordnet"`` (Debian wordnet-base), ``"lines"`` (a text file, one sentence a line)
+            or ``"texts"`` (the inline list ``texts``).
+        tokenizer: an existing ``tokenizer.json``; None trains a byte-level BPE of ``vocab_size``.
+        seq_len: row length in tokens (a multiple of the block size).
+        holdout_fraction: share of sentences held out for evaluation (hash split, deterministic).
+    """
+
+    source: str = "wordnet"
+    path: str | None = None
+    texts: list[str] = field(default_factory=list)
+    tokenizer: str | None = None
+    vocab_size: int = 4096
+    seq_len: int = 64
+    holdout_fraction: float = 0.02
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to ``min_lr_ratio·lr`` (or constant)."""
+
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """A whole run, read from JSON (every field optional except what the stage needs).
+
+    Attributes:
+        stage: ``"vae"`` (Stage 1) or ``"joint"`` (Stage 2; ``loss.freeze_vae`` = DiT-only).
+        vae, dit: constructor kwargs of a fresh :class:`ColaTextVAE` / :class:`ColaDiT`
+            (``vocab_size`` defaults to the tokenizer's size).
+        init_vae, init_dit: folders saved by ``save_pretrained`` to start from instead.
+        latent_stats: ``"estimate"`` (Stage 2: measure shift/scale on training rows before training
+            and store them in the VAE config) or ``"keep"``.
+        batch_size: micro-batch per process; the optimizer step sees
+            ``batch_size · grad_accum · num_processes`` rows.
+        max_steps: optimizer steps of the whole run (the LR schedule's horizon).
+        save_every / keep_checkpoints: checkpoint period (optimizer steps) and how many to keep.
+        eval_every / eval_rows: held-out evaluation period and size (0 = only at the end).
+    """
+
+    stage: str = "vae"
+    output_dir: str = "runs/cola"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    vae: dict = field(default_factory=dict)
+    dit: dict = field(default_factory=dict)
+    init_vae: str | None = None
+    init_dit: str | None = None
+    latent_stats: str = "estimate"
+    loss: dict = field(default_factory=dict)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch_size: int = 32
+    grad_accum: int = 1
+    max_steps: int = 1000
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    eval_every: int = 0
+    eval_rows: int = 256
+    mixed_precision: str = "no"
+    num_threads: int | None = 1
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"stage={self.stage!r}: use one of {STAGES}.")
+        if self.latent_stats not in ("estimate", "keep"):
+            raise ValueError(f"latent_stats={self.latent_stats!r}: use 'estimate' or 'keep'.")
+        if isinstance(self.data, dict):
+            self.data = DataConfig(**self.data)
+        if isinstance(self.optim, dict):
+            self.optim = OptimConfig(**self.optim)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "TrainConfig":
+        return cls(**json.loads(Path(path).read_text()))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def loss_config(self):
+        if self.stage == "vae":
+            return L.VAELossConfig(**self.loss)
+        return L.JointLossConfig.from_dict(self.loss)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class TextRows:
+    """Packed token rows ``ids`` ``(N, seq_len)`` with ``real`` ``(N, seq_len)`` (False on padding)."""
+
+    ids: torch.Tensor
+    real: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+
+def load_texts(cfg: DataConfig) -> list[str]:
+    from ..data import text
+
+    if cfg.source == "wordnet":
+        return text.read_wordnet()
+    if cfg.source == "lines":
+        if not cfg.path:
+            raise ValueError("data.source='lines' needs data.path, a UTF-8 text file with one sentence per line.")
+        return text.read_lines(cfg.path)
+    if cfg.source == "texts":
+        if not cfg.texts:
+            raise ValueError("data.source='texts' needs a non-empty data.texts list.")
+        return list(cfg.texts)
+    raise ValueError(f"data.source={cfg.source!r}: use 'wordnet', 'lines' or 'texts'.")
+
+
+def prepare_data(cfg: DataConfig, output_dir: Path, accelerator):
+    """Tokenizer (loaded, or trained on the training split by the main process) and packed rows.
+
+    Returns ``(tokenizer, train_rows, heldout_rows)``.
+    """
+    from tokenizers import Tokenizer
+
+    from ..data import text
+
+    train_texts, held_texts = text.split_holdout(load_texts(cfg), cfg.holdout_fraction)
+    tok_path = Path(cfg.tokenizer) if cfg.tokenizer else output_dir / "tokenizer.json"
+    if not cfg.tokenizer and accelerator.is_main_process and not tok_path.is_file():
+        text.train_tokenizer(train_texts, cfg.vocab_size).save(str(tok_path))
+    accelerator.wait_for_everyone()
+    tokenizer = Tokenizer.from_file(str(tok_path))
+    eos, pad = tokenizer.token_to_id(text.EOS), tokenizer.token_to_id(text.PAD)
+    if eos is None or pad is None:
+        raise ValueError(f"{tok_path}: tokenizer lacks {text.EOS} or {text.PAD}; train it with colabridge.data.text.")
+    rows = [TextRows(*text.pack_sentences(text.encode_texts(tokenizer, t), cfg.seq_len, eos, pad)) if t else None
+            for t in (train_texts, held_texts)]
+    return tokenizer, rows[0], rows[1]
+
+
+class BatchPlan:
+    """Deterministic data order: micro-step ``m`` of rank ``r`` reads rows of a seeded permutation.
+
+    Each epoch is a fresh permutation (seeded by ``seed`` and the epoch) cut into global batches of
+    ``batch_size · world`` rows (the remainder is dropped); rank ``r`` takes its contiguous slice.
+    The position is just ``m``, so resuming needs nothing but the step counter.
+    """
+
+    def __init__(self, num_rows: int, batch_size: int, world: int, rank: int, seed: int):
+        self.global_batch = batch_size * world
+        if num_rows < self.global_batch:
+            raise ValueError(f"only {num_rows} training rows for a global batch of {self.global_batch}; "
+                             "lower batch_size or add data.")
+        self.num_rows, self.batch_size, self.rank, self.seed = num_rows, batch_size, rank, seed
+        self.per_epoch = num_rows // self.global_batch
+        self._epoch, self._perm = None, None
+
+    def indices(self, micro_step: int) -> torch.Tensor:
+        epoch, i = divmod(micro_step, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.num_rows, generator=g)
+        start = i * self.global_batch + self.rank * self.batch_size
+        return self._perm[start : start + self.batch_size]
+
+
+# --------------------------------------------------------------------------- models
+
+
+class Objective(nn.Module):
+    """The trained modules plus the loss: ``forward(ids, real) -> (loss, logs)``.
+
+    ``ref_vae`` (Stage 2) is a frozen copy of the starting encoder for ``KL(q_φ ‖ q_φ_ref)``.
+    """
+
+    def __init__(self, stage: str, loss_cfg, vae: ColaTextVAE, dit: ColaDiT | None = None, ref_vae=None):
+        super().__init__()
+        self.stage, self.loss_cfg = stage, loss_cfg
+        self.vae, self.dit, self.ref_vae = vae, dit, ref_vae
+
+    def forward(self, input_ids: torch.Tensor, real: torch.Tensor):
+        if self.stage == "vae":
+            return L.vae_loss(self.vae, input_ids, real, self.loss_cfg)
+        return L.joint_loss(self.vae, self.dit, input_ids, real, self.loss_cfg, self.ref_vae)
+
+
+def build_objective(cfg: TrainConfig, vocab_size: int, train_rows: TextRows) -> Objective:
+    """Fresh or loaded models, the frozen reference encoder and (Stage 2) latent statistics."""
+    vae = ColaTextVAE.from_pretrained(cfg.init_vae) if cfg.init_vae else ColaTextVAE(**{"vocab_size": vocab_size, **cfg.vae})
+    if vae.config.vocab_size < vocab_size:
+        raise ValueError(f"VAE vocab_size={vae.config.vocab_size} is smaller than the tokenizer's {vocab_size}.")
+    loss_cfg = cfg.loss_config()
+    if cfg.stage == "vae":
+        return Objective("vae", loss_cfg, vae.train())
+    if cfg.latent_stats == "estimate":
+        rows = [(train_rows.ids[i : i + 64], train_rows.real[i : i + 64]) for i in range(0, min(len(train_rows), 1024), 64)]
+        vae.eval()
+        L.store_latent_stats(vae, *L.estimate_latent_stats(vae, rows))
+    if cfg.init_dit:
+        dit = ColaDiT.from_pretrained(cfg.init_dit)
+    else:
+        dit = ColaDiT(**{"txt_in_channels": vae.config.latent_dim, "txt_out_channels": vae.config.latent_dim,
+                         "block_size": vae.config.block_size, **cfg.dit})
+    ref = None
+    if loss_cfg.freeze_vae:
+        vae.requires_grad_(False).eval()
+    else:
+        vae.train()
+        if loss_cfg.ref_weight > 0:
+            ref = copy.deepcopy(vae).requires_grad_(False).eval()
+    return Objective("joint", loss_cfg, vae, dit.train(), ref)
+
+
+def lr_lambda(cfg: OptimConfig, max_steps: int):
+    """Multiplier of the base LR at optimizer step ``s``: linear warmup, then cosine or constant."""
+
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dir(output_dir: Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The complete ``checkpoint-<step>`` with the highest step (temporary folders are ignored)."""
+    root = checkpoint_dir(output_dir)
+    done = [p for p in root.glob(CHECKPOINT_PREFIX + "*") if (p / STATE_FILE).is_file()] if root.is_dir() else []
+    return max(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int) -> Path:
+    """``save_state`` into a temporary folder, then an atomic rename to ``checkpoint-<step>``."""
+    root = checkpoint_dir(output_dir)
+    final, tmp = root / f"{CHECKPOINT_PREFIX}{step}", root / f"{TMP_PREFIX}{CHECKPOINT_PREFIX}{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)  # before the other ranks write their RNG states into it
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        done = sorted(root.glob(CHECKPOINT_PREFIX + "*"), key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+        for old in done[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# --------------------------------------------------------------------------- logging
+
+
+class LossLog:
+    """``losses.csv`` (one row per logged step) on the main process; rows after ``resume_step`` (written
+    by a run that was killed before its next checkpoint) are dropped on resume."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int):
+        self.path, self.enabled, self.fields = path, enabled, None
+        if not (enabled and path.is_file()):
+            return
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            kept = [r for r in reader if int(r["step"]) <= resume_step]
+            fields = reader.fieldnames
+        path.unlink()
+        if kept:
+            self.fields = list(fields)
+            self._write(kept, header=True)
+
+    def _write(self, rows: list[dict], header: bool) -> None:
+        with self.path.open("w" if header else "a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=self.fields, extrasaction="ignore")
+            if header:
+                writer.writeheader()
+            writer.writerows(rows)
+
+    def append(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        header = self.fields is None
+        if header:
+            self.fields = list(row)
+        self._write([row], header)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(objective: Objective, rows: TextRows | None, max_rows: int, seed: int) -> dict:
+    """Held-out metrics: token reconstruction accuracy / CE from the posterior mode, and (Stage 2)
+    the flow-matching loss under a fixed generator (the global RNG is left untouched)."""
+    if rows is None or len(rows) == 0:
+        return {}
+    vae, was_training = objective.vae, objective.training
+    objective.eval()
+    ids, real = rows.ids[:max_rows], rows.real[:max_rows]
+    correct = ce = fm = count = 0.0
+    g = torch.Generator().manual_seed(seed)
+    for i in range(0, len(ids), 64):
+        b_ids, b_real = ids[i : i + 64], real[i : i + 64]
+        posterior = vae.encode(b_ids)
+        logits = vae.decode(posterior.mode())
+        n = float(b_real.sum())
+        correct += float(L.token_accuracy(logits, b_ids, b_real)) * n
+        ce += float(L.token_cross_entropy(logits, b_ids, b_real)) * n
+        if objective.dit is not None:
+            fm_cfg = objective.loss_cfg.fm
+            fm += float(L.flow_matching_loss(objective.dit, vae.normalize(posterior.mode()), b_real, fm_cfg, generator=g)[0]) * n
+        count += n
+    objective.train(was_training)
+    out = {"heldout_recon_acc": correct / count, "heldout_recon_ce": ce / count}
+    if objective.dit is not None:
+        out["heldout_fm"] = fm / count
+    return out
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = None) -> Objective:
+    """Run (or resume) ``cfg``; returns the unwrapped :class:`Objective`.
+
+    ``stop_at_step`` ends this invocation after that optimizer step (with a checkpoint), leaving the
+    schedule horizon ``max_steps`` unchanged, so a long run can be split into sessions.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    out = Path(cfg.output_dir)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    set_seed(cfg.seed)  # identical initial weights on every rank
+    tokenizer, train_rows, held_rows = prepare_data(cfg.data, out, accelerator)
+    objective = build_objective(cfg, tokenizer.get_vocab_size(), train_rows)
+    params = [p for p in objective.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
+    # the scheduler is stepped by hand once per optimizer step (not prepared: accelerate would step it
+    # num_processes times per step), and checkpointed alongside
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.max_steps))
+    model, optimizer = accelerator.prepare(objective, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    set_seed(cfg.seed + accelerator.process_index)  # per-rank noise streams
+    step = 0
+    ckpt = latest_checkpoint(out) if resume else None
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        step = json.loads((ckpt / STATE_FILE).read_text())["step"]
+    plan = BatchPlan(len(train_rows), cfg.batch_size, accelerator.num_processes, accelerator.process_index, cfg.seed)
+    log = LossLog(out / "losses.csv", accelerator.is_main_process, step)
+    last = cfg.max_steps if stop_at_step is None else min(cfg.max_steps, stop_at_step)
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not accelerator.is_main_process, desc=f"train {cfg.stage}")
+    start = time.time()
+    while step < last:
+        logs = train_step(accelerator, model, optimizer, scheduler, plan, train_rows, step, cfg)
+        step += 1
+        bar.update()
+        if step % cfg.log_every == 0 or step == last:
+            row = {"step": step, "lr": scheduler.get_last_lr()[0], **logs, "elapsed_s": round(time.time() - start, 2)}
+            log.append(row)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "recon", "fm", "acc")})
+        if cfg.eval_every and step % cfg.eval_every == 0 and accelerator.is_main_process:
+            _write_eval(out, step, evaluate(accelerator.unwrap_model(model), held_rows, cfg.eval_rows, cfg.seed))
+        if step % cfg.save_every == 0 or step == last:
+            save_checkpoint(accelerator, out, step, cfg.keep_checkpoints)
+    bar.close()
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process and step >= cfg.max_steps:
+        finish(cfg, unwrapped, out, held_rows, step)
+    accelerator.wait_for_everyone()
+    return unwrapped
+
+
+def train_step(accelerator, model, optimizer, scheduler, plan: BatchPlan, rows: TextRows, step: int, cfg) -> dict:
+    """One optimizer step over ``grad_accum`` micro-batches; returns logs averaged over micro-batches
+    and processes."""
+    totals: dict[str, torch.Tensor] = {}
+    for micro in range(cfg.grad_accum):
+        idx = plan.indices(step * cfg.grad_accum + micro)
+        ids, real = rows.ids[idx].to(accelerator.device), rows.real[idx].to(accelerator.device)
+        with accelerator.accumulate(model):
+            loss, logs = model(ids, real)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.optim.grad_clip:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                logs["grad_norm"] = torch.as_tensor(grad_norm).detach().float()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        for k, v in logs.items():
+            totals[k] = totals.get(k, 0.0) + v.float() / cfg.grad_accum
+    scheduler.step()
+    names = sorted(totals)
+    stacked = accelerator.reduce(torch.stack([torch.as_tensor(totals[k]) for k in names]).to(accelerator.device), "mean")
+    return {k: float(v) for k, v in zip(names, stacked)}
+
+
+def _write_eval(out: Path, step: int, metrics: dict) -> None:
+    with (out / "eval.jsonl").open("a") as fh:
+        fh.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+def finish(cfg: TrainConfig, objective: Objective, out: Path, held_rows, step: int) -> None:
+    """Final evaluation, loss curve and exported models (``vae/``, ``transformer/``, ``pipeline/``)."""
+    metrics = evaluate(objective, held_rows, cfg.eval_rows, cfg.seed)
+    _write_eval(out, step, metrics)
+    print(f"[colabridge train] step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    note = plot_losses(out / "losses.csv", out / "losses.png")
+    if note:
+        print(f"[colabridge train] {note}")
+    vae = objective.vae
+    if cfg.stage == "vae" and cfg.latent_stats == "estimate":
+        rows = _stat_batches(out, cfg)
+        L.store_latent_stats(vae, *L.estimate_latent_stats(vae.eval(), rows))
+    vae.save_pretrained(out / "vae")
+    if objective.dit is not None:
+        objective.dit.save_pretrained(out / "transformer")
+        export_pipeline(vae, objective.dit, out / "tokenizer.json" if not cfg.data.tokenizer else Path(cfg.data.tokenizer),
+                        out / "pipeline")
+
+
+def _stat_batches(out: Path, cfg: TrainConfig):
+    from tokenizers import Tokenizer
+
+    from ..data import text
+
+    train_texts, _ = text.split_holdout(load_texts(cfg.data), cfg.data.holdout_fraction)
+    tok = Tokenizer.from_file(str(Path(cfg.data.tokenizer) if cfg.data.tokenizer else out / "tokenizer.json"))
+    ids, real = text.pack_sentences(text.encode_texts(tok, train_texts[:4096]), cfg.data.seq_len,
+                                    tok.token_to_id(text.EOS), tok.token_to_id(text.PAD))
+    return [(ids[i : i + 64], real[i : i + 64]) for i in range(0, len(ids), 64)]
+
+
+def export_pipeline(vae: ColaTextVAE, dit: ColaDiT, tokenizer_json: Path, folder: Path) -> Path:
+    """Save ``ColaPipeline(vae, dit, FlowMatchEulerDiscreteScheduler, tokenizer)`` in the diffusers layout."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from ..pipelines import ColaPipeline, load_tokenizer
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    pipe = ColaPipeline(vae.eval(), dit.eval(), scheduler, load_tokenizer(tokenizer_json))
+    pipe.save_pretrained(str(folder))
+    return folder
