@@ -67,6 +67,14 @@ def test_resume_after_sigkill_reproduces_losses(tmp_path):
             assert float(resumed[step][key]) == pytest.approx(float(reference[step][key]), rel=1e-6, abs=1e-7), (step, key)
     assert (killed / "pipeline" / "model_index.json").is_file()
 
+    exported = T.export_checkpoint(tiny_config(full), tmp_path / "exported")  # latest = final step
+    from safetensors.torch import load_file
+
+    for part in ("vae", "transformer"):
+        a = load_file(str(exported / part / "diffusion_pytorch_model.safetensors"))
+        b = load_file(str(full / "pipeline" / part / "diffusion_pytorch_model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
 
 def _ddp_worker(out):
     from accelerate import PartialState

@@ -514,3 +514,25 @@ def export_pipeline(vae: ColaTextVAE, dit: ColaDiT, tokenizer_json: Path, folder
     pipe = ColaPipeline(vae.eval(), dit.eval(), scheduler, load_tokenizer(tokenizer_json))
     pipe.save_pretrained(str(folder))
     return folder
+
+
+def export_checkpoint(cfg: TrainConfig, folder: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> Path:
+    """Rebuild the run's models, load a checkpoint's weights (default: the latest) and save them as
+    ``vae/`` (Stage 1) or a pipeline folder (Stage 2) under ``folder``, while training may go on."""
+    from accelerate import Accelerator
+    from safetensors.torch import load_file
+
+    out = Path(cfg.output_dir)
+    ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(out)
+    if ckpt is None:
+        raise FileNotFoundError(f"no complete checkpoint under {checkpoint_dir(out)}")
+    tokenizer, train_rows, _ = prepare_data(cfg.data, out, Accelerator(cpu=True))
+    objective = build_objective(cfg, tokenizer.get_vocab_size(), train_rows)
+    objective.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+    folder = Path(folder)
+    if objective.dit is None:
+        objective.vae.save_pretrained(folder / "vae")
+        return folder
+    tok = Path(cfg.data.tokenizer) if cfg.data.tokenizer else out / "tokenizer.json"
+    return export_pipeline(objective.vae, objective.dit, tok, folder)
+
