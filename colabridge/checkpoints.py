@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -54,9 +55,12 @@ def load_official_state_dict(folder: Path, allow_pickle: bool = False) -> dict[s
     if (folder / SAFE_WEIGHTS).is_file():
         return _load_safetensors(folder / SAFE_WEIGHTS)
     if (folder / SAFE_INDEX).is_file():
-        index = json.loads((folder / SAFE_INDEX).read_text())
+        try:
+            shards = sorted(set(json.loads((folder / SAFE_INDEX).read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{folder / SAFE_INDEX}: not a valid safetensors index ({err!r}).") from err
         state = {}
-        for shard in sorted(set(index["weight_map"].values())):
+        for shard in shards:
             if not (folder / shard).is_file():
                 raise CheckpointError(f"{folder}: shard {shard} listed in {SAFE_INDEX} is missing.")
             state.update(_load_safetensors(folder / shard))
@@ -67,7 +71,10 @@ def load_official_state_dict(folder: Path, allow_pickle: bool = False) -> dict[s
                 f"{folder}: only {PICKLE_WEIGHTS} (a pickle, which can run code) was found. Convert it to "
                 f"safetensors, or pass allow_pickle=True if you trust its source."
             )
-        return torch.load(folder / PICKLE_WEIGHTS, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(folder / PICKLE_WEIGHTS, map_location="cpu", weights_only=True)
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
+            raise CheckpointError(f"{folder / PICKLE_WEIGHTS}: cannot read pickle checkpoint (truncated or corrupt?): {err}") from err
     raise CheckpointError(
         f"{folder}: no weights found; expected {SAFE_WEIGHTS} or {SAFE_INDEX} (+ shards) beside {CONFIG_NAME}."
     )

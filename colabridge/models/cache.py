@@ -39,15 +39,19 @@ class KVCache:
         grown[:, :, : self.length] = buf[:, :, : self.length]
         return grown
 
+    def check_batch(self, batch_size: int) -> None:
+        """Raise if a call of ``batch_size`` samples does not match the committed history."""
+        if self.batch_size is not None and self.length > 0 and self.batch_size != batch_size:
+            raise ValueError(
+                f"kv_cache holds {self.batch_size} samples but the call has {batch_size}; "
+                "use one cache per batch (or KVCache.select to drop samples)."
+            )
+
     def layout(self, position_ids: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Key positions and validity ``(B, length + L)`` for a call adding ``position_ids`` ``(B, L)``."""
         if self.positions is None or self.length == 0:
             return position_ids, valid
-        if self.positions.shape[0] != position_ids.shape[0]:
-            raise ValueError(
-                f"kv_cache holds {self.positions.shape[0]} samples but the call has {position_ids.shape[0]}; "
-                "use one cache per batch (or KVCache.select to drop samples)."
-            )
+        self.check_batch(position_ids.shape[0])
         k_pos = torch.cat((self.positions[:, : self.length], position_ids), dim=1)
         k_valid = torch.cat((self.valid[:, : self.length], valid), dim=1)
         return k_pos, k_valid
@@ -95,6 +99,7 @@ def next_positions(cache: KVCache | None, batch_size: int, length: int, device) 
     """Positions ``(B, length)`` that continue each sample after its cached history (0 if none)."""
     start = torch.zeros(batch_size, dtype=torch.long, device=device)
     if cache is not None and cache.length > 0:
+        cache.check_batch(batch_size)
         hist = cache.positions[:, : cache.length].masked_fill(~cache.valid[:, : cache.length], -1)
         start = hist.max(dim=1).values + 1
     return start[:, None] + torch.arange(length, device=device)
