@@ -1,6 +1,7 @@
 """accelerate trainer: two real processes (gloo), and exact resume after SIGKILL."""
 
 import csv
+import json
 import multiprocessing
 import os
 import signal
@@ -117,3 +118,20 @@ def test_config_validation():
         T.TrainConfig(stage="lora")
     with pytest.raises(ValueError, match="data.path"):
         T.load_texts(T.DataConfig(source="lines"))
+
+
+def test_lora_stage_trains_adapter_only(tmp_path):
+    from safetensors.torch import load_file
+
+    from colabridge.training.lora import ADAPTER_WEIGHTS
+
+    T.train(tiny_config(tmp_path / "base", max_steps=2, grad_accum=1))
+    cfg = tiny_config(tmp_path / "lora", stage="lora", init_pipeline=str(tmp_path / "base" / "pipeline"),
+                      lora=dict(r=2), max_steps=3, grad_accum=1)
+    objective = T.train(cfg)
+    base = load_file(str(tmp_path / "base" / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    tuned = {k.replace(".base_layer", ""): v for k, v in objective.dit.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(base[k], tuned[k]) for k in base)
+    assert (tmp_path / "lora" / "adapter" / ADAPTER_WEIGHTS).is_file()
+    evals = [json.loads(line) for line in (tmp_path / "lora" / "eval.jsonl").read_text().splitlines()]
+    assert "heldout_fm" in evals[-2] and "base_heldout_fm" in evals[-1]

@@ -1,4 +1,4 @@
-"""``colabridge train vae|joint --config FILE.json``: the command-line front of :mod:`.trainer`.
+"""``colabridge train vae|joint|lora --config FILE.json``: the command-line front of :mod:`.trainer`.
 
 Multi-process: ``accelerate launch --multi_gpu --num_processes N -m colabridge.training.cli joint
 --config FILE`` (on CPU-only machines too; ``--cpu`` would start one process), or ``torchrun``.
@@ -19,7 +19,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("stage", choices=("vae", "joint"), help="vae = stage 1; joint = stage 2 (add --freeze-vae for DiT only)")
+    p.add_argument("stage", choices=("vae", "joint", "lora"), help="vae = stage 1; joint = stage 2 (add --freeze-vae for DiT only); lora = adapter on a pipeline's DiT")
     p.add_argument("--config", required=True, help="JSON file with TrainConfig fields (see colabridge.training.trainer)")
     p.add_argument("--output-dir", help="override the config's output_dir")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in output_dir")
@@ -39,8 +39,8 @@ def config_from_args(args):
     if args.max_steps:
         raw["max_steps"] = args.max_steps
     if args.freeze_vae:
-        if args.stage != "joint":
-            raise SystemExit("--freeze-vae applies to the joint stage only")
+        if args.stage == "vae":
+            raise SystemExit("--freeze-vae applies to the joint and lora stages only")
         raw.setdefault("loss", {})["freeze_vae"] = True
     return TrainConfig(**raw)
 

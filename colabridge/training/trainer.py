@@ -34,7 +34,7 @@ from ..models import ColaDiT, ColaTextVAE
 from . import losses as L
 from .curves import plot_losses
 
-STAGES = ("vae", "joint")
+STAGES = ("vae", "joint", "lora")
 CHECKPOINT_PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-"
 STATE_FILE = "trainer_state.json"
@@ -82,10 +82,13 @@ class TrainConfig:
     """A whole run, read from JSON (every field optional except what the stage needs).
 
     Attributes:
-        stage: ``"vae"`` (Stage 1) or ``"joint"`` (Stage 2; ``loss.freeze_vae`` = DiT-only).
+        stage: ``"vae"`` (Stage 1), ``"joint"`` (Stage 2; ``loss.freeze_vae`` = DiT-only) or ``"lora"``
+            (a LoRA adapter on the DiT of ``init_pipeline``, everything else frozen).
         vae, dit: constructor kwargs of a fresh :class:`ColaTextVAE` / :class:`ColaDiT`
             (``vocab_size`` defaults to the tokenizer's size).
         init_vae, init_dit: folders saved by ``save_pretrained`` to start from instead.
+        init_pipeline: a pipeline folder (``vae/``, ``transformer/``, ``tokenizer/``); the base of ``"lora"``.
+        lora: :func:`colabridge.training.lora.lora_config` kwargs (``r``, ``alpha``, ``target_modules``).
         latent_stats: ``"estimate"`` (Stage 2: measure shift/scale on training rows before training
             and store them in the VAE config) or ``"keep"``.
         batch_size: micro-batch per process; the optimizer step sees
@@ -103,6 +106,8 @@ class TrainConfig:
     dit: dict = field(default_factory=dict)
     init_vae: str | None = None
     init_dit: str | None = None
+    init_pipeline: str | None = None
+    lora: dict = field(default_factory=dict)
     latent_stats: str = "estimate"
     loss: dict = field(default_factory=dict)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -126,6 +131,8 @@ class TrainConfig:
             self.data = DataConfig(**self.data)
         if isinstance(self.optim, dict):
             self.optim = OptimConfig(**self.optim)
+        if self.stage == "lora" and self.init_pipeline and not self.data.tokenizer:
+            self.data.tokenizer = str(Path(self.init_pipeline) / "tokenizer" / "tokenizer.json")
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "TrainConfig":
@@ -137,6 +144,8 @@ class TrainConfig:
     def loss_config(self):
         if self.stage == "vae":
             return L.VAELossConfig(**self.loss)
+        if self.stage == "lora":
+            return L.JointLossConfig.from_dict({**self.loss, "freeze_vae": True})
         return L.JointLossConfig.from_dict(self.loss)
 
 
@@ -241,6 +250,8 @@ class Objective(nn.Module):
 
 def build_objective(cfg: TrainConfig, vocab_size: int, train_rows: TextRows) -> Objective:
     """Fresh or loaded models, the frozen reference encoder and (Stage 2) latent statistics."""
+    if cfg.stage == "lora":
+        return build_lora_objective(cfg)
     vae = ColaTextVAE.from_pretrained(cfg.init_vae) if cfg.init_vae else ColaTextVAE(**{"vocab_size": vocab_size, **cfg.vae})
     if vae.config.vocab_size < vocab_size:
         raise ValueError(f"VAE vocab_size={vae.config.vocab_size} is smaller than the tokenizer's {vocab_size}.")
@@ -264,6 +275,18 @@ def build_objective(cfg: TrainConfig, vocab_size: int, train_rows: TextRows) -> 
         if loss_cfg.ref_weight > 0:
             ref = copy.deepcopy(vae).requires_grad_(False).eval()
     return Objective("joint", loss_cfg, vae, dit.train(), ref)
+
+
+def build_lora_objective(cfg: TrainConfig) -> Objective:
+    """Frozen VAE + frozen DiT of ``init_pipeline`` with a trainable LoRA adapter on the DiT."""
+    from .lora import add_lora, lora_config
+
+    if not cfg.init_pipeline:
+        raise ValueError("stage 'lora' needs init_pipeline, a pipeline folder with vae/ and transformer/.")
+    vae = ColaTextVAE.from_pretrained(cfg.init_pipeline, subfolder="vae").requires_grad_(False).eval()
+    dit = ColaDiT.from_pretrained(cfg.init_pipeline, subfolder="transformer")
+    add_lora(dit, lora_config(**cfg.lora))
+    return Objective("lora", cfg.loss_config(), vae, dit.train())
 
 
 def lr_lambda(cfg: OptimConfig, max_steps: int):
@@ -481,6 +504,9 @@ def finish(cfg: TrainConfig, objective: Objective, out: Path, held_rows, step: i
     note = plot_losses(out / "losses.csv", out / "losses.png")
     if note:
         print(f"[colabridge train] {note}")
+    if cfg.stage == "lora":
+        finish_lora(objective, out, held_rows, cfg, step)
+        return
     vae = objective.vae
     if cfg.stage == "vae" and cfg.latent_stats == "estimate":
         rows = _stat_batches(out, cfg)
@@ -490,6 +516,18 @@ def finish(cfg: TrainConfig, objective: Objective, out: Path, held_rows, step: i
         objective.dit.save_pretrained(out / "transformer")
         export_pipeline(vae, objective.dit, out / "tokenizer.json" if not cfg.data.tokenizer else Path(cfg.data.tokenizer),
                         out / "pipeline")
+
+
+def finish_lora(objective: Objective, out: Path, held_rows, cfg: TrainConfig, step: int) -> None:
+    """Save ``adapter/`` and the held-out flow-matching loss with the adapter disabled (the base)."""
+    from .lora import save_adapter
+
+    save_adapter(objective.dit, out / "adapter")
+    objective.dit.disable_adapters()
+    base = evaluate(objective, held_rows, cfg.eval_rows, cfg.seed)
+    objective.dit.enable_adapters()
+    _write_eval(out, step, {"base_" + k: v for k, v in base.items()})
+    print(f"[colabridge train] base model: " + ", ".join(f"{k}={v:.4f}" for k, v in base.items()))
 
 
 def _stat_batches(out: Path, cfg: TrainConfig):
@@ -530,6 +568,10 @@ def export_checkpoint(cfg: TrainConfig, folder: str | os.PathLike, checkpoint: s
     objective = build_objective(cfg, tokenizer.get_vocab_size(), train_rows)
     objective.load_state_dict(load_file(str(ckpt / "model.safetensors")))
     folder = Path(folder)
+    if cfg.stage == "lora":
+        from .lora import save_adapter
+
+        return save_adapter(objective.dit, folder)
     if objective.dit is None:
         objective.vae.save_pretrained(folder / "vae")
         return folder
