@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(func=cmd_convert)
     from .training.cli import add_train_parser  # `colabridge train vae|joint --config FILE.json`
     add_train_parser(sub)
+    from .eval.harness import add_eval_parser  # `colabridge eval`
+    add_eval_parser(sub)
     return parser
 
 
