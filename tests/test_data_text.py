@@ -55,3 +55,11 @@ def test_encode_texts_matches_single_encode():
     tok = train_tokenizer(TEXTS, vocab_size=300, min_frequency=1)
     assert encode_texts(tok, TEXTS[:2]) == [tok.encode(t).ids for t in TEXTS[:2]]
     assert isinstance(torch.tensor(encode_texts(tok, TEXTS[:1])), torch.Tensor)
+
+
+def test_split_sentences_keeps_titles_attached():
+    from colabridge.data.text import split_sentences
+
+    text = "It is a truth universally acknowledged. Mr. Bennet replied that he had not! Why? She laughed at it all."
+    assert split_sentences(text, min_chars=5) == [
+        "It is a truth universally acknowledged.", "Mr. Bennet replied that he had not!", "She laughed at it all."]

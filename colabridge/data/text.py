@@ -69,6 +69,42 @@ def read_wordnet(root: str | Path = WORDNET_ROOT, examples: bool = True, definit
     return out
 
 
+_ABBREVIATIONS = ("Mr.", "Mrs.", "Dr.", "St.", "Ms.", "Col.", "Capt.")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def split_sentences(text: str, min_chars: int = 20, max_chars: int = 200) -> list[str]:
+    """Split running prose at ``. ! ?`` (not after Mr./Mrs./…); keep sentences of a sane length."""
+    pieces, out = _SENTENCE_END.split(text), []
+    buffer = ""
+    for piece in pieces:
+        buffer = f"{buffer} {piece}".strip()
+        if not buffer.endswith(_ABBREVIATIONS):
+            out.append(buffer)
+            buffer = ""
+    return [s for s in out if min_chars <= len(s) <= max_chars and not s.isupper()]
+
+
+def read_janeaustenr(extracted_root: str | Path, book: str = "prideprejudice") -> list[str]:
+    """Sentences of one Austen novel from the Debian package ``r-cran-janeaustenr`` (MIT; texts public
+    domain), unpacked without installing R: ``apt-get download r-cran-janeaustenr && dpkg-deb -x
+    r-cran-janeaustenr_*.deb ROOT``. Needs ``pip install rdata``. Chapter headings are dropped."""
+    import gzip
+    import zlib
+
+    import rdata
+
+    data = Path(extracted_root) / "usr/lib/R/site-library/janeaustenr/data"
+    index = rdata.conversion.convert(rdata.parser.parse_data(gzip.open(data / "Rdata.rdx").read()))
+    if book not in index["variables"]:
+        raise ValueError(f"book={book!r}: choose one of {sorted(index['variables'])}.")
+    offset, length = (int(v) for v in index["variables"][book])
+    blob = (data / "Rdata.rdb").read_bytes()[offset : offset + length]  # 4-byte length + zlib stream
+    lines = rdata.conversion.convert(rdata.parser.parse_data(zlib.decompress(blob[4:])))
+    prose = " ".join((line or "").strip() for line in lines if not (line or "").strip().upper().startswith("CHAPTER"))
+    return split_sentences(prose)
+
+
 def read_lines(path: str | Path) -> list[str]:
     """Non-empty stripped lines of a UTF-8 text file."""
     return [s.strip() for s in Path(path).read_text(encoding="utf-8").splitlines() if s.strip()]

@@ -48,8 +48,9 @@ class DataConfig:
     """Where the text comes from and how it is cut (see :mod:`colabridge.data.text`).
 
     Attributes:
-        source: ``"wordnet"`` (Debian wordnet-base), ``"lines"`` (a text file, one sentence a line)
-            or ``"texts"`` (the inline list ``texts``).
+        source: ``"wordnet"`` (Debian wordnet-base), ``"austen"`` (novel ``book`` of the unpacked
+            Debian r-cran-janeaustenr at ``path``), ``"lines"`` (a text file at ``path``, one sentence a
+            line) or ``"texts"`` (the inline list ``texts``).
         tokenizer: an existing ``tokenizer.json``; None trains a byte-level BPE of ``vocab_size``.
         seq_len: row length in tokens (a multiple of the block size).
         holdout_fraction: share of sentences held out for evaluation (hash split, deterministic).
@@ -58,6 +59,7 @@ class DataConfig:
     source: str = "wordnet"
     path: str | None = None
     texts: list[str] = field(default_factory=list)
+    book: str = "prideprejudice"
     tokenizer: str | None = None
     vocab_size: int = 4096
     seq_len: int = 64
@@ -168,6 +170,10 @@ def load_texts(cfg: DataConfig) -> list[str]:
 
     if cfg.source == "wordnet":
         return text.read_wordnet()
+    if cfg.source == "austen":
+        if not cfg.path:
+            raise ValueError("data.source='austen' needs data.path, the folder r-cran-janeaustenr_*.deb was unpacked into.")
+        return text.read_janeaustenr(cfg.path, cfg.book)
     if cfg.source == "lines":
         if not cfg.path:
             raise ValueError("data.source='lines' needs data.path, a UTF-8 text file with one sentence per line.")
@@ -176,7 +182,7 @@ def load_texts(cfg: DataConfig) -> list[str]:
         if not cfg.texts:
             raise ValueError("data.source='texts' needs a non-empty data.texts list.")
         return list(cfg.texts)
-    raise ValueError(f"data.source={cfg.source!r}: use 'wordnet', 'lines' or 'texts'.")
+    raise ValueError(f"data.source={cfg.source!r}: use 'wordnet', 'austen', 'lines' or 'texts'.")
 
 
 def prepare_data(cfg: DataConfig, output_dir: Path, accelerator):
