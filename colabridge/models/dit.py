@@ -128,14 +128,36 @@ class ColaDiTBlock(nn.Module):
         self.ada = AdaLNModulation(cfg.txt_dim)
 
     def forward(self, x, emb, rope, mask, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        """``emb`` is SiLU(timestep embedding) ``(B, L, D)``: the modulations' SiLU, applied once."""
+        """``emb`` is a :class:`TimestepEmbeddings` (SiLU applied once, one row per distinct timestep)."""
         ada = self.ada
-        shift, scale = ada.msa_in[1](emb).chunk(2, dim=-1)
+        shift, scale = emb.modulate(ada.msa_in).chunk(2, dim=-1)
         h = self.msa(self.msa_norm(x) * (1 + scale) + shift, rope, mask, cache, layer)
-        x = h * ada.msa_out[1](emb) + x
-        shift, scale = ada.mlp_in[1](emb).chunk(2, dim=-1)
+        x = h * emb.modulate(ada.msa_out) + x
+        shift, scale = emb.modulate(ada.mlp_in).chunk(2, dim=-1)
         h = self.mlp(self.mlp_norm(x) * (1 + scale) + shift)
-        return h * ada.mlp_out[1](emb) + x
+        return h * emb.modulate(ada.mlp_out) + x
+
+
+@dataclass
+class TimestepEmbeddings:
+    """SiLU(timestep embedding) of the *distinct* timesteps of a call, and where each token's is.
+
+    Every token of a sampling step shares one timestep (pinned tokens aside), so the timestep MLP and
+    the AdaLN linears run on a handful of rows and are gathered per token (spec §4.3 computes them
+    per token; the maths is the same).
+    """
+
+    table: torch.Tensor  # (U, E)
+    index: torch.Tensor  # (B, L) row of ``table`` for every token
+
+    @classmethod
+    def build(cls, mlp: TimestepMLP, timestep: torch.Tensor, dtype: torch.dtype) -> "TimestepEmbeddings":
+        distinct, index = torch.unique(timestep, return_inverse=True)
+        return cls(F.silu(mlp(distinct, dtype)), index)
+
+    def modulate(self, layer: nn.Sequential) -> torch.Tensor:
+        """``layer[1]`` (the Linear after the SiLU) applied per distinct timestep, gathered per token."""
+        return layer[1](self.table)[self.index]  # (B, L, out)
 
 
 class ColaDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
@@ -236,12 +258,12 @@ class ColaDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if mask is None:
             mask = block_causal_mask(position_ids, k_pos, k_valid, self.config.block_size, valid)
         rope = interleaved_rope_tables(position_ids, self.blocks[0].msa.rope.rope.freqs)
-        emb = F.silu(self.emb_in(_per_token(timestep, bsz, n, x.device), x.dtype))  # (B, L, E)
+        emb = TimestepEmbeddings.build(self.emb_in, _per_token(timestep, bsz, n, x.device), x.dtype)
         for i, block in enumerate(self.blocks):
             x = block(x, emb, rope, mask, kv_cache, i)
         if kv_cache is not None and commit:
             kv_cache.commit(position_ids, valid)
-        shift, scale = self.txt_out_ada.out_in[1](emb).chunk(2, dim=-1)
+        shift, scale = emb.modulate(self.txt_out_ada.out_in).chunk(2, dim=-1)
         x = self.txt_out_norm(x) * (1 + scale) + shift
         out = self._unpatchify(self.txt_out(x))  # (B, L·p, C_out)
         return ColaDiTOutput(sample=out) if return_dict else (out,)

@@ -5,6 +5,7 @@ Default numerics reproduce the official ``generate_task_repaint_inference`` (spe
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -18,8 +19,8 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from .. import checkpoints
 from ..models import ColaDiT, ColaTextVAE
-from ..sampling.engine import CachedStream, guided_velocity, round_to, transport_block
-from ..sampling.schedules import official_sigmas
+from ..sampling.engine import CachedStream, guided_velocity, packed_guided_velocity, round_to, transport_block
+from ..sampling.solvers import Solver, get_solver
 from ..sampling.tokens import select_tokens
 from .prompting import PromptPlan, pad_to_blocks, plan_prompts
 
@@ -85,6 +86,13 @@ class _Run:
     rounding: torch.dtype | None
     callback: object
     callback_inputs: list[str]
+    pad_token_id: int
+    solver: Solver
+    scheduler: object
+    packed_cfg: bool
+    drop_finished: bool
+    latents: torch.Tensor | None
+    autocast_dtype: torch.dtype | None
 
 
 class ColaPipeline(DiffusionPipeline):
@@ -223,9 +231,16 @@ class ColaPipeline(DiffusionPipeline):
         decoder = CachedStream(self.vae.decode, self.vae.new_cache(), bsz, device)
         if plan.prefix_valid.any():
             prefix = plan.prefix.to(device)
-            prior.prefill(round_to(prefix, rounding), plan.prefix_valid.to(device), torch.zeros(plan.prefix_valid.shape, device=device))
-            decoder.prefill(prefix, plan.prefix_valid.to(device))
+            valid = plan.prefix_valid.to(device)
+            prior.prefill(round_to(prefix, rounding).to(self.transformer.dtype), valid, torch.zeros(valid.shape, device=device))
+            decoder.prefill(prefix.to(self.vae.dtype), valid)
         return prior, decoder
+
+    def _numerics(self, autocast_dtype: torch.dtype | None):
+        """``torch.autocast`` on the execution device's type, or a no-op context."""
+        if autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self._execution_device.type, dtype=autocast_dtype)
 
     def num_blocks(self, max_new_tokens: int, plan: PromptPlan) -> int:
         """⌈max_new_tokens / bs⌉, or 1 if any sample's budget does not fill its pinned block (official rule)."""
@@ -260,11 +275,18 @@ class ColaPipeline(DiffusionPipeline):
             output_type: ``"text"`` (texts + ids), ``"ids"`` or ``"latent"`` (latents only).
             callback_on_step_end: ``fn(pipe, step, timestep, {"latents": ...}) -> dict``; a returned
                 ``"latents"`` replaces the block latents.
+            latents: user noise for every block, ``(B, n_blocks, block_size, C)``; replaces the drawn noise.
+            solver: ``"euler"`` (official, one DiT call per step) or ``"heun"`` (second order, 2N−1 calls).
+            packed_cfg: run cond and uncond in one DiT forward (same maths; ``False`` = two passes).
+            drop_finished: stop computing samples once they produced a stop id; their ``sequences`` end
+                with the block that holds it (the official code keeps generating them).
+            autocast_dtype: run the models under ``torch.autocast(<device type>, autocast_dtype)`` —
+                ``torch.bfloat16`` with float32 weights on CUDA is the official GPU regime (spec §5.5).
         """
         output_type = kwargs.pop("output_type", "text")
         run = self._start(prompt, output_type=output_type, **kwargs)
         blocks = list(self._iter_blocks(run))
-        output = self.postprocess(blocks, run.plan, output_type)
+        output = self.postprocess(blocks, run.plan, output_type, run.drop_finished)
         self.maybe_free_model_hooks()
         return output if return_dict else output.to_tuple()
 
@@ -274,8 +296,10 @@ class ColaPipeline(DiffusionPipeline):
         run = self._start(prompt, output_type="text", **kwargs)
         texts = [""] * len(run.plan.trim)
         ids: list[list[int]] = [[] for _ in run.plan.trim]
+        done_before = [False] * len(texts)
         for block in self._iter_blocks(run):
-            new_ids = block.tokens.tolist()
+            new_ids = [[] if done else row for row, done in zip(block.tokens.tolist(), done_before)]
+            done_before = block.finished.tolist() if run.drop_finished else done_before
             if block.index == 0:
                 new_ids = [row[t:] for row, t in zip(new_ids, run.plan.trim)]
             ids = [old + new for old, new in zip(ids, new_ids)]
@@ -304,48 +328,88 @@ class ColaPipeline(DiffusionPipeline):
         output_type: str = "text",
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        solver: str = "euler",
+        packed_cfg: bool = True,
+        drop_finished: bool = True,
+        latents: torch.Tensor | None = None,
+        autocast_dtype: torch.dtype | None = None,
     ) -> "_Run":
         """Validate inputs, encode prompts and prefill the histories (steps 0–2 of a call)."""
         pad_token_id = self.tokenizer.pad_token_id if pad_token_id is None else pad_token_id
         self.check_inputs(prompt, prompt_ids, max_new_tokens, num_inference_steps, guidance_scale, temperature,
                           top_k, top_p, output_type, pad_token_id, callback_on_step_end_tensor_inputs, sample_ids)
         ids = self.tokenize(prompt) if prompt is not None else [list(p) for p in prompt_ids]
-        plan = self.encode_prompt(ids, pad_token_id)
+        numerics = self._numerics(autocast_dtype)
+        with numerics:
+            plan = self.encode_prompt(ids, pad_token_id)
+        n_blocks = self.num_blocks(max_new_tokens, plan)
+        if latents is not None and tuple(latents.shape) != (len(ids), n_blocks, self.block_size, self.vae.config.latent_dim):
+            raise ValueError(f"`latents` must have shape (batch, n_blocks, block_size, latent_dim) = "
+                             f"{(len(ids), n_blocks, self.block_size, self.vae.config.latent_dim)}, got {tuple(latents.shape)}.")
         if stop_token_ids is None:
             stop_token_ids = self.default_stop_ids()
         stop = torch.tensor([stop_token_ids] if isinstance(stop_token_ids, int) else list(stop_token_ids), dtype=torch.long)
-        prior, decoder = self.prepare_history(plan, prior_input_rounding)
+        with numerics:
+            prior, decoder = self.prepare_history(plan, prior_input_rounding)
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p,
                         repetition_penalty=repetition_penalty, generator=generator)
-        return _Run(plan, prior, decoder, self.num_blocks(max_new_tokens, plan), num_inference_steps,
+        method = get_solver(solver)
+        scheduler = self.scheduler if isinstance(self.scheduler, method.scheduler_class) else method.make_scheduler()
+        return _Run(plan, prior, decoder, n_blocks, num_inference_steps,
                     float(guidance_scale), sampling, stop, generator, noise_seed, sample_ids, prior_input_rounding,
-                    callback_on_step_end, list(callback_on_step_end_tensor_inputs))
+                    callback_on_step_end, list(callback_on_step_end_tensor_inputs), pad_token_id, method, scheduler,
+                    packed_cfg, drop_finished, latents, autocast_dtype)
 
     def _iter_blocks(self, run: "_Run"):
-        """Step 3, one block per iteration: noise → transport → decode → choose tokens → commit."""
-        plan, device = run.plan, self._execution_device
-        bsz = plan.prefix.shape[0]
-        sigmas = official_sigmas(run.num_steps)
-        full_scale = torch.full((bsz,), run.guidance_scale, device=device)
-        stop, history = run.stop.to(device), None
+        """Step 3, one block per iteration: noise → transport → decode → choose tokens → commit.
+
+        Finished samples leave the computation (``drop_finished``): their caches are sliced away and
+        their later ids are ``pad``. Noise and sampling are still drawn for the full batch, so the
+        random streams, and hence the other samples' tokens, do not depend on who finished.
+        """
+        plan, device, bsz = run.plan, self._execution_device, run.plan.prefix.shape[0]
+        active = torch.arange(bsz, device=device)
+        history = None  # (B, n·bs) ids so far, full batch
         finished = torch.zeros(bsz, dtype=torch.bool, device=device)
-        with self.progress_bar(total=run.num_blocks * run.num_steps) as bar:
+        guidance = torch.full((bsz,), run.guidance_scale, device=device)
+        guidance_0 = torch.where(plan.has_prefix.to(device), guidance, 1.0)  # no CFG on an empty prefix
+        with self.progress_bar(total=run.num_blocks * run.solver.model_calls(run.num_steps)) as bar, self._numerics(run.autocast_dtype):
             for b in range(run.num_blocks):
-                first = b == 0
-                scale = torch.where(plan.has_prefix.to(device), full_scale, 1.0) if first else full_scale
                 noise = self.prepare_latents(bsz, b, run.generator, run.noise_seed, run.sample_ids, torch.float32)
-                on_step = self._step_callback(run.callback, run.callback_inputs, b * run.num_steps, bar)
-                pinned = plan.pinned.to(device) if first and plan.any_pinned else None
-                velocity = guided_velocity(self.transformer, run.prior, scale, run.rounding)
-                z = transport_block(velocity, noise, self.scheduler, sigmas, pinned, plan.pinned_values.to(device), on_step)
-                logits = run.decoder.query(z, commit=True)  # (B, bs·p, V)
+                if run.latents is not None:
+                    noise = run.latents[:, b].to(device=device, dtype=torch.float32)
+                z = self.transport_block(run, noise[active], (guidance_0 if b == 0 else guidance)[active], b, bar)
+                logits = torch.zeros(bsz, *z.shape[1:2], self.vae.config.vocab_size, device=device)
+                logits[active] = run.decoder.query(z.to(self.vae.dtype), commit=True).float()  # (B, bs, V)
                 tokens = select_tokens(logits, history, **run.sampling)
+                tokens[~torch.isin(torch.arange(bsz, device=device), active)] = run.pad_token_id
                 history = tokens if history is None else torch.cat((history, tokens), 1)
-                finished = finished | torch.isin(tokens, stop).any(1)
-                yield _Block(b, tokens, z, finished)
+                block_latents = torch.zeros(bsz, *z.shape[1:], device=device)
+                block_latents[active] = z
+                finished = finished | torch.isin(tokens, run.stop).any(1)
+                yield _Block(b, tokens, block_latents, finished)
                 if b == run.num_blocks - 1 or bool(finished.all()):
                     break
-                run.prior.query(round_to(z, run.rounding), torch.zeros(z.shape[:2], device=device), commit=True)
+                keep = ~finished[active] if run.drop_finished else torch.ones_like(active, dtype=torch.bool)
+                if not bool(keep.all()):
+                    active, z = active[keep], z[keep]
+                    run.prior.select(keep.nonzero().squeeze(1))
+                    run.decoder.select(keep.nonzero().squeeze(1))
+                run.prior.query(round_to(z, run.rounding).to(self.transformer.dtype),
+                                torch.zeros(z.shape[:2], device=device), commit=True)
+
+    def transport_block(self, run: "_Run", noise: torch.Tensor, guidance: torch.Tensor, block: int, bar) -> torch.Tensor:
+        """Transport one block of the active samples from noise to latents with the shared engine."""
+        plan, device = run.plan, self._execution_device
+        pinned = values = None
+        if block == 0 and plan.any_pinned:
+            pinned, values = plan.pinned.to(device), plan.pinned_values.to(device)
+        make = packed_guided_velocity if run.packed_cfg else guided_velocity
+        extra = (noise.shape[1],) if run.packed_cfg else ()
+        velocity = make(self.transformer, run.prior, guidance, *extra, input_rounding=run.rounding)
+        offset = block * run.solver.model_calls(run.num_steps)
+        on_step = self._step_callback(run.callback, run.callback_inputs, offset, bar)
+        return transport_block(velocity, noise, run.scheduler, run.solver.schedule(run.num_steps), pinned, values, on_step)
 
     def _step_callback(self, callback, tensor_inputs, offset: int, bar):
         def on_step(i, t, latents):
@@ -360,18 +424,31 @@ class ColaPipeline(DiffusionPipeline):
 
         return on_step
 
-    def postprocess(self, blocks: list["_Block"], plan: PromptPlan, output_type: str) -> ColaPipelineOutput:
-        """Step 4: concatenate blocks, trim re-decoded prompt tokens, decode text."""
+    def postprocess(self, blocks: list["_Block"], plan: PromptPlan, output_type: str, truncate: bool = True) -> ColaPipelineOutput:
+        """Step 4: concatenate blocks, trim re-decoded prompt tokens (and, with ``truncate``, the pad ids
+        after a finished sample's last block), decode text."""
         block_ids = torch.cat([b.tokens for b in blocks], 1)
         latents = torch.cat([b.latents for b in blocks], 1)
         finished = blocks[-1].finished
         if output_type == "latent":
             return ColaPipelineOutput(None, None, None, latents, finished)
-        sequences = [row[trim:] for row, trim in zip(block_ids.tolist(), plan.trim)]
+        ends = _computed_lengths(blocks) if truncate else [block_ids.shape[1]] * block_ids.shape[0]
+        sequences = [row[trim:end] for row, trim, end in zip(block_ids.tolist(), plan.trim, ends)]
         texts = None
         if output_type == "text":
             texts = self.tokenizer.batch_decode(sequences, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         return ColaPipelineOutput(texts, sequences, block_ids, latents, finished)
+
+
+def _computed_lengths(blocks: list["_Block"]) -> list[int]:
+    """Per sample, the number of ids up to the end of the block in which it finished (or all)."""
+    bs = blocks[0].tokens.shape[1]
+    done_at = [len(blocks)] * blocks[0].tokens.shape[0]
+    for block in reversed(blocks):
+        for i, f in enumerate(block.finished.tolist()):
+            if f:
+                done_at[i] = block.index + 1
+    return [n * bs for n in done_at]
 
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
