@@ -79,17 +79,28 @@ def apply_half_split_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def interleaved_rope_tables(position_ids: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin ``(B, 1, L, R)`` of the DiT's GPT-J-style RoPE (pairs ``(2j, 2j+1)`` share ``inv_j``)."""
+def interleaved_rope_tables(
+    position_ids: torch.Tensor, inv_freq: torch.Tensor, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin ``(B, 1, L, head_dim)`` of the DiT's GPT-J-style partial RoPE.
+
+    Pairs ``(2j, 2j+1)`` for ``j < R/2`` share ``inv_j``; the channels past ``R = 2·len(inv_freq)`` get
+    cos 1 / sin 0, so one full-width multiply-add rotates the first R channels and passes the rest
+    through exactly.
+    """
     angles = position_ids.to(torch.float32)[..., None] * inv_freq.to(torch.float32)  # (B, L, R/2)
     angles = angles.repeat_interleave(2, dim=-1)[:, None]  # (B, 1, L, R)
-    return angles.cos(), angles.sin()
+    pad = head_dim - angles.shape[-1]
+    cos = torch.cat((angles.cos(), angles.new_ones(*angles.shape[:-1], pad)), -1)
+    sin = torch.cat((angles.sin(), angles.new_zeros(*angles.shape[:-1], pad)), -1)
+    return cos, sin
+
+
+_PAIR_SIGN = torch.tensor([-1.0, 1.0])
 
 
 def apply_interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first ``R = cos.shape[-1]`` channels pairwise; the rest pass through."""
-    rot_dim = cos.shape[-1]
-    x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
-    pairs = x_rot.unflatten(-1, (-1, 2))  # (..., R/2, 2)
-    rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-    return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
+    """``x·cos + rot(x)·sin`` with ``rot(x0, x1) = (-x1, x0)`` on every channel pair."""
+    pairs = x.unflatten(-1, (-1, 2))  # (..., hd/2, 2)
+    rotated = (pairs.flip(-1) * _PAIR_SIGN.to(x.dtype)).flatten(-2)
+    return x * cos + rotated * sin

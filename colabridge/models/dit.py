@@ -157,7 +157,8 @@ class TimestepEmbeddings:
 
     def modulate(self, layer: nn.Sequential) -> torch.Tensor:
         """``layer[1]`` (the Linear after the SiLU) applied per distinct timestep, gathered per token."""
-        return layer[1](self.table)[self.index]  # (B, L, out)
+        out = layer[1](self.table)  # (U, out)
+        return out if out.shape[0] == 1 else out[self.index]  # (1, out) broadcasts, else (B, L, out)
 
 
 class ColaDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
@@ -216,6 +217,10 @@ class ColaDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
     def new_cache(self) -> KVCache:
         return KVCache(self.config.num_layers)
 
+    def rotary_tables(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE cos/sin ``(B, 1, L, rope_dim)`` for ``position_ids`` (every layer holds the same freqs)."""
+        return interleaved_rope_tables(position_ids, self.blocks[0].msa.rope.rope.freqs, self.config.head_dim)
+
     def _patchify(self, x: torch.Tensor) -> torch.Tensor:
         p = self.config.patch_size
         return x if p == 1 else x.unflatten(1, (-1, p)).flatten(2)  # (B, L/p, p·C), time-major
@@ -233,6 +238,7 @@ class ColaDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         kv_cache: KVCache | None = None,
         commit: bool = False,
         attention_mask: torch.Tensor | None = None,
+        rotary_tables: tuple[torch.Tensor, torch.Tensor] | None = None,
         return_dict: bool = True,
     ):
         r"""Velocity field v_ψ(z_t, t; history) for queries ``sample`` ``(B, L, C_in)``.
@@ -246,6 +252,8 @@ class ColaDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
             commit: append this call's keys/values to ``kv_cache`` (official ``update_kv=True``).
             attention_mask: optional boolean ``(B, 1, L, L_history + L)`` replacing the block-causal mask
                 (e.g. the training-time "clean copy beside noisy copy" mask).
+            rotary_tables: precomputed :meth:`rotary_tables` of ``position_ids`` (samplers reuse them
+                for every step of a block).
         """
         x = self.txt_in(self._patchify(sample))  # (B, L, D)
         bsz, n, _ = x.shape
@@ -253,11 +261,11 @@ class ColaDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
             position_ids = next_positions(kv_cache, bsz, n, x.device)
         if valid is None:
             valid = torch.ones(bsz, n, dtype=torch.bool, device=x.device)
-        k_pos, k_valid = (position_ids, valid) if kv_cache is None else kv_cache.layout(position_ids, valid)
         mask = attention_mask
         if mask is None:
+            k_pos, k_valid = (position_ids, valid) if kv_cache is None else kv_cache.layout(position_ids, valid)
             mask = block_causal_mask(position_ids, k_pos, k_valid, self.config.block_size, valid)
-        rope = interleaved_rope_tables(position_ids, self.blocks[0].msa.rope.rope.freqs)
+        rope = rotary_tables if rotary_tables is not None else self.rotary_tables(position_ids)
         emb = TimestepEmbeddings.build(self.emb_in, _per_token(timestep, bsz, n, x.device), x.dtype)
         for i, block in enumerate(self.blocks):
             x = block(x, emb, rope, mask, kv_cache, i)

@@ -93,6 +93,7 @@ class _Run:
     drop_finished: bool
     latents: torch.Tensor | None
     autocast_dtype: torch.dtype | None
+    device: torch.device
 
 
 class ColaPipeline(DiffusionPipeline):
@@ -204,14 +205,14 @@ class ColaPipeline(DiffusionPipeline):
             latents = self.vae.normalize(posterior.mode().float())  # (B, Lmax, C), fp32 as the official
         return plan_prompts(latents, lengths, bs, channels)
 
-    def prepare_latents(self, batch_size: int, block: int, generator, noise_seed, sample_ids, dtype) -> torch.Tensor:
+    def prepare_latents(self, batch_size: int, block: int, generator, noise_seed, sample_ids, dtype, device=None) -> torch.Tensor:
         """Initial noise ``(B, bs, C)`` of one block.
 
         ``noise_seed`` reproduces the official per-sample scheme (CPU generator seeded with
         ``seed + id·1000 + block·1e7``, independent of the batch); otherwise ``generator`` drives it.
         """
         shape = (batch_size, self.block_size, self.vae.config.latent_dim)
-        device = self._execution_device
+        device = device or self._execution_device
         if noise_seed is None:
             return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         ids = sample_ids if sample_ids is not None else range(batch_size)
@@ -227,13 +228,13 @@ class ColaPipeline(DiffusionPipeline):
         The prior sees bf16-rounded history at t=0; the decoder history stays float32.
         """
         bsz, device = plan.prefix.shape[0], self._execution_device
-        prior = CachedStream(self.transformer, self.transformer.new_cache(), bsz, device)
-        decoder = CachedStream(self.vae.decode, self.vae.new_cache(), bsz, device)
+        prior = CachedStream(self.transformer, self.transformer.new_cache(), bsz, device, self.transformer.dtype)
+        decoder = CachedStream(self.vae.decode, self.vae.new_cache(), bsz, device, self.vae.dtype)
         if plan.prefix_valid.any():
             prefix = plan.prefix.to(device)
             valid = plan.prefix_valid.to(device)
-            prior.prefill(round_to(prefix, rounding).to(self.transformer.dtype), valid, torch.zeros(valid.shape, device=device))
-            decoder.prefill(prefix.to(self.vae.dtype), valid)
+            prior.prefill(round_to(prefix, rounding), valid, torch.zeros(valid.shape, device=device))
+            decoder.prefill(prefix, valid)
         return prior, decoder
 
     def _numerics(self, autocast_dtype: torch.dtype | None):
@@ -358,7 +359,7 @@ class ColaPipeline(DiffusionPipeline):
         return _Run(plan, prior, decoder, n_blocks, num_inference_steps,
                     float(guidance_scale), sampling, stop, generator, noise_seed, sample_ids, prior_input_rounding,
                     callback_on_step_end, list(callback_on_step_end_tensor_inputs), pad_token_id, method, scheduler,
-                    packed_cfg, drop_finished, latents, autocast_dtype)
+                    packed_cfg, drop_finished, latents, autocast_dtype, self._execution_device)
 
     def _iter_blocks(self, run: "_Run"):
         """Step 3, one block per iteration: noise → transport → decode → choose tokens → commit.
@@ -367,7 +368,7 @@ class ColaPipeline(DiffusionPipeline):
         their later ids are ``pad``. Noise and sampling are still drawn for the full batch, so the
         random streams, and hence the other samples' tokens, do not depend on who finished.
         """
-        plan, device, bsz = run.plan, self._execution_device, run.plan.prefix.shape[0]
+        plan, device, bsz = run.plan, run.device, run.plan.prefix.shape[0]
         active = torch.arange(bsz, device=device)
         history = None  # (B, n·bs) ids so far, full batch
         finished = torch.zeros(bsz, dtype=torch.bool, device=device)
@@ -375,12 +376,12 @@ class ColaPipeline(DiffusionPipeline):
         guidance_0 = torch.where(plan.has_prefix.to(device), guidance, 1.0)  # no CFG on an empty prefix
         with self.progress_bar(total=run.num_blocks * run.solver.model_calls(run.num_steps)) as bar, self._numerics(run.autocast_dtype):
             for b in range(run.num_blocks):
-                noise = self.prepare_latents(bsz, b, run.generator, run.noise_seed, run.sample_ids, torch.float32)
+                noise = self.prepare_latents(bsz, b, run.generator, run.noise_seed, run.sample_ids, torch.float32, device)
                 if run.latents is not None:
                     noise = run.latents[:, b].to(device=device, dtype=torch.float32)
                 z = self.transport_block(run, noise[active], (guidance_0 if b == 0 else guidance)[active], b, bar)
                 logits = torch.zeros(bsz, *z.shape[1:2], self.vae.config.vocab_size, device=device)
-                logits[active] = run.decoder.query(z.to(self.vae.dtype), commit=True).float()  # (B, bs, V)
+                logits[active] = run.decoder.query(z, commit=True).float()  # (B, bs, V)
                 tokens = select_tokens(logits, history, **run.sampling)
                 tokens[~torch.isin(torch.arange(bsz, device=device), active)] = run.pad_token_id
                 history = tokens if history is None else torch.cat((history, tokens), 1)
@@ -395,12 +396,11 @@ class ColaPipeline(DiffusionPipeline):
                     active, z = active[keep], z[keep]
                     run.prior.select(keep.nonzero().squeeze(1))
                     run.decoder.select(keep.nonzero().squeeze(1))
-                run.prior.query(round_to(z, run.rounding).to(self.transformer.dtype),
-                                torch.zeros(z.shape[:2], device=device), commit=True)
+                run.prior.query(round_to(z, run.rounding), torch.zeros(z.shape[:2], device=device), commit=True)
 
     def transport_block(self, run: "_Run", noise: torch.Tensor, guidance: torch.Tensor, block: int, bar) -> torch.Tensor:
         """Transport one block of the active samples from noise to latents with the shared engine."""
-        plan, device = run.plan, self._execution_device
+        plan, device = run.plan, run.device
         pinned = values = None
         if block == 0 and plan.any_pinned:
             pinned, values = plan.pinned.to(device), plan.pinned_values.to(device)

@@ -32,11 +32,13 @@ class CachedStream:
     """History of one cached model for a batch: KV cache + per-sample committed length.
 
     ``model`` must accept ``(x, *args, position_ids=, valid=, kv_cache=, commit=)``; both
-    :class:`~colabridge.ColaDiT` and :meth:`ColaTextVAE.decode` do.
+    :class:`~colabridge.ColaDiT` and :meth:`ColaTextVAE.decode` do. Inputs are cast to ``dtype``
+    (the model's parameter dtype).
     """
 
-    def __init__(self, model: Callable, cache: KVCache, batch_size: int, device: torch.device):
-        self.model, self.cache = model, cache
+    def __init__(self, model: Callable, cache: KVCache, batch_size: int, device: torch.device,
+                 dtype: torch.dtype = torch.float32):
+        self.model, self.cache, self.dtype = model, cache, dtype
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
 
     def positions(self, length: int) -> torch.Tensor:
@@ -46,7 +48,7 @@ class CachedStream:
     def prefill(self, x: torch.Tensor, valid: torch.Tensor, *args, **kwargs):
         """Commit a left-padded history ``x`` ``(B, P, C)``; ``valid`` ``(B, P)`` marks real tokens."""
         pos = (valid.long().cumsum(1) - 1).clamp(min=0) + self.lengths[:, None]
-        out = self.model(x, *args, position_ids=pos, valid=valid, kv_cache=self.cache, commit=True, **kwargs)
+        out = self.model(x.to(self.dtype), *args, position_ids=pos, valid=valid, kv_cache=self.cache, commit=True, **kwargs)
         self.lengths = self.lengths + valid.sum(1)
         return out
 
@@ -56,7 +58,7 @@ class CachedStream:
 
     def query(self, x: torch.Tensor, *args, commit: bool = False, **kwargs):
         """Run the model on a block after the history; ``commit`` appends it to the history."""
-        out = self.model(x, *args, position_ids=self.positions(x.shape[1]), kv_cache=self.cache, commit=commit, **kwargs)
+        out = self.model(x.to(self.dtype), *args, position_ids=self.positions(x.shape[1]), kv_cache=self.cache, commit=commit, **kwargs)
         if commit:
             self.lengths = self.lengths + x.shape[1]
         return out
@@ -118,13 +120,14 @@ def packed_guided_velocity(
     bsz, device = history.lengths.shape[0], history.lengths.device
     positions = torch.cat((history.positions(block_len), torch.arange(block_len, device=device).expand(bsz, -1)), 1)
     mask = packed_cfg_mask(history, block_len)
+    rope = prior.rotary_tables(positions)
     scale = guidance_scale[:, None, None]
-    dtype = prior.dtype
+    dtype = history.dtype
 
     def velocity(latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         x = round_to(torch.cat((latents, latents), 1), input_rounding).to(dtype)
         t = round_to(torch.cat((timesteps, timesteps), 1), input_rounding)
-        out = prior(x, t, position_ids=positions, kv_cache=history.cache, attention_mask=mask).sample.float()
+        out = prior(x, t, position_ids=positions, kv_cache=history.cache, attention_mask=mask, rotary_tables=rope).sample.float()
         cond, uncond = out.split(block_len, dim=1)
         return scale * (cond - uncond) + uncond
 
