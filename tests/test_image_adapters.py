@@ -250,6 +250,23 @@ def test_save_load_round_trip(style, tmp_path):
     assert not any(p.requires_grad for p in loaded.parameters())
 
 
+def test_load_rejects_adapters_of_another_base_model(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    prior = make_prior("sd")
+    folder = save_image_adapter(prior.transformer, prior.adapters["image"], tmp_path / "sd")
+    wide = ColaDiT(txt_in_channels=8, txt_out_channels=8, txt_dim=64, emb_dim=64, heads=2, head_dim=32,
+                   num_layers=2, rope_dim=8, block_size=4)
+    with pytest.raises(ValueError, match="txt_dim=32.*txt_dim=64"):
+        load_image_adapter(wide, folder)
+    weights = load_file(str(folder / ADAPTER_WEIGHTS))
+    save_file({f"other.{k}": v for k, v in weights.items()}, str(folder / ADAPTER_WEIGHTS))
+    dit = tiny_dit()
+    with pytest.raises(ValueError, match="none of the .* adapter keys match"):
+        load_image_adapter(dit, folder)
+    assert not getattr(dit, "peft_config", {})  # nothing half-loaded is left behind
+
+
 # --------------------------------------------------------------------------- bad input
 
 
