@@ -129,8 +129,8 @@ class MultimodalPrior(nn.Module):
             sel = ids == k
             if not bool(sel.any()):
                 continue
-            t = self.transformer
-            v = pad_tokens(t.txt_out(hidden) if name == TEXT else self.adapters[name].project(hidden), width)
+            v = self.transformer.txt_out(hidden) if name == TEXT else self.adapters[name].project(hidden)
+            v = pad_tokens(v, width)  # (B, L, width)
             out = v if out is None else torch.where(sel[..., None], v, out)
         return out  # (B, L, width)
 
@@ -167,8 +167,8 @@ class MultimodalPrior(nn.Module):
         output has the modality's out width, or :attr:`width` for mixed calls. Pure text calls are the
         transformer's own forward.
         """
-        ids = self._ids(modality, sample)
-        if isinstance(modality, str) and modality == TEXT:
+        ids = self._ids(modality, sample)  # (B, L); also checks the sample width
+        if isinstance(modality, str) and modality == TEXT:  # exactly the base DiT (LoRA as enabled)
             extra = {} if rotary_tables is None else {"rotary_tables": rotary_tables}
             return self.transformer(sample, timestep, position_ids=position_ids, valid=valid, kv_cache=kv_cache,
                                     commit=commit, attention_mask=attention_mask, return_dict=return_dict, **extra)
