@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..models.attention import block_causal_mask, interleaved_rope_tables
+from ..models.attention import block_causal_mask
 from ..models.cache import KVCache, next_positions
 from ..models.dit import ColaDiTOutput, TimestepEmbeddings, _per_token
 
@@ -85,9 +85,7 @@ class MultimodalPrior(nn.Module):
 
     def rotary_tables(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The DiT's RoPE cos/sin for ``position_ids`` ``(B, L)``."""
-        if hasattr(self.transformer, "rotary_tables"):
-            return self.transformer.rotary_tables(position_ids)
-        return interleaved_rope_tables(position_ids, self.transformer.blocks[0].msa.rope.rope.freqs)
+        return self.transformer.rotary_tables(position_ids)
 
     def _ids(self, modality, sample: torch.Tensor) -> torch.LongTensor:
         """Per-token modality ids ``(B, L)`` from a name or an id tensor; checks the sample width."""
