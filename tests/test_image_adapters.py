@@ -8,7 +8,7 @@ from diffusers import AutoencoderKL
 from colabridge import ColaDiT
 from colabridge.adapters import (
     LATENT_SPACES, ImageLatentSpace, MultimodalPrior, add_image_adapter, flow_matching_loss_image,
-    latent_space_from_config, load_image_adapter, register_latent_space, save_image_adapter,
+    latent_space_from_config, load_image_adapter, pad_tokens, register_latent_space, save_image_adapter,
 )
 from colabridge.adapters.losses import image_to_text_velocity, text_to_image_velocity
 from colabridge.data.shapes import make_examples
@@ -231,6 +231,18 @@ def test_disabling_the_adapter_restores_base_text_outputs():
         prior.transformer.enable_adapters()
     assert not torch.allclose(adapted, base)
     assert torch.equal(disabled, base)
+
+
+def test_composed_trunk_equals_the_dit_forward():
+    """Text tokens routed through MultimodalPrior's own composition match ColaDiT.forward (guards drift)."""
+    prior = make_prior("flux")
+    g = torch.Generator().manual_seed(6)
+    x, t = torch.randn(2, 8, 8, generator=g), torch.rand(2, 8, generator=g) * 1000
+    with torch.no_grad():
+        composed = prior(pad_tokens(x, prior.width), t, modality=torch.zeros(2, 8, dtype=torch.long)).sample
+        direct = prior.transformer(x, t).sample
+    assert composed.shape == (2, 8, prior.width)
+    torch.testing.assert_close(composed[..., :8], direct, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("style", STYLES)
