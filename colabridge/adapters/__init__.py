@@ -12,10 +12,10 @@ from .image_adapter import ImageAdapter
 from .latent_spaces import LATENT_SPACES, ImageLatentSpace, latent_space_from_config, register_latent_space
 from .losses import DIRECTIONS, flow_matching_loss_image
 from .multimodal import TEXT, ModalityView, MultimodalPrior, pad_tokens
-from .saving import add_image_adapter, load_image_adapter, save_image_adapter
+from .saving import add_image_adapter, fuse_image_adapter, load_image_adapter, save_image_adapter
 
 __all__ = [
     "DIRECTIONS", "ImageAdapter", "ImageLatentSpace", "LATENT_SPACES", "ModalityView", "MultimodalPrior", "TEXT",
-    "add_image_adapter", "flow_matching_loss_image", "latent_space_from_config", "load_image_adapter", "pad_tokens",
+    "add_image_adapter", "flow_matching_loss_image", "fuse_image_adapter", "latent_space_from_config", "load_image_adapter", "pad_tokens",
     "register_latent_space", "save_image_adapter",
 ]

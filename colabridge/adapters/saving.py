@@ -42,6 +42,18 @@ def save_image_adapter(transformer, adapter: ImageAdapter, folder: str | os.Path
     return folder
 
 
+def fuse_image_adapter(transformer) -> None:
+    """Merge the transformer's LoRA into its base weights and remove the PEFT layers (in place).
+
+    The fused DiT computes the same function (up to float rounding; tested) and saves as a plain
+    ``ColaDiT`` folder, which is how an image pipeline ships its trunk. Not reversible.
+    """
+    if not getattr(transformer, "peft_config", None):
+        raise ValueError("the transformer has no LoRA adapter to fuse; load one with load_image_adapter() first.")
+    transformer.fuse_lora()
+    transformer.unload_lora()
+
+
 def load_image_adapter(transformer, folder: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER,
                        space=None) -> ImageAdapter:
     """Inject the folder's LoRA into ``transformer`` and return its projections, all frozen.

@@ -3,3 +3,8 @@
 from .pipeline_cola import ColaPipeline, ColaPipelineOutput, ColaStreamChunk, load_tokenizer
 
 __all__ = ["ColaPipeline", "ColaPipelineOutput", "ColaStreamChunk", "load_tokenizer"]
+from .pipeline_image import (  # noqa: E402  (image bridge: text → image prior, image → caption)
+    ColaCaptionPipeline, ColaCaptionPipelineOutput, ColaImagePipelineOutput, ColaImagePriorPipeline,
+)
+
+__all__ += ["ColaCaptionPipeline", "ColaCaptionPipelineOutput", "ColaImagePipelineOutput", "ColaImagePriorPipeline"]

@@ -1,0 +1,212 @@
+"""Text → image and image → caption pipelines on tiny random models (fixture text model + SD-style AutoencoderKL)."""
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+from colabridge.adapters import ImageLatentSpace, add_image_adapter, save_image_adapter
+from colabridge.pipelines import ColaCaptionPipeline, ColaImagePriorPipeline, ColaPipeline
+from colabridge.pipelines.pipeline_image import encode_captions, load_image_pipeline
+
+torch.set_num_threads(1)
+
+IMAGE_SIZE = 32
+STEPS = 2
+
+
+def tiny_autoencoder() -> AutoencoderKL:
+    """SD-style (4 channels, /8) random AutoencoderKL: 4×4×4 latents → 16 image tokens of 4."""
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        latent_channels=4, norm_num_groups=4, sample_size=IMAGE_SIZE,
+    ).eval()
+
+
+def randomize_adapter(transformer, adapter) -> None:
+    """LoRA B and the out-projection start at zero; make them non-zero so outputs depend on them."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+        adapter.proj_out.weight.copy_(0.2 * torch.randn(adapter.proj_out.weight.shape, generator=g))
+
+
+@pytest.fixture(scope="module")
+def parts(fixture_dir, tmp_path_factory):
+    """(text pipeline folder, adapter folder, autoencoder folder) of tiny random models."""
+    root = tmp_path_factory.mktemp("image-parts")
+    text = ColaPipeline.from_pretrained(fixture_dir)
+    text.save_pretrained(root / "text")
+    autoencoder = tiny_autoencoder()
+    autoencoder.save_pretrained(root / "autoencoder")
+    adapter = add_image_adapter(text.transformer, ImageLatentSpace.from_autoencoder(autoencoder), r=4)
+    randomize_adapter(text.transformer, adapter)
+    save_image_adapter(text.transformer, adapter, root / "adapter")
+    return root / "text", root / "adapter", root / "autoencoder"
+
+
+@pytest.fixture(scope="module")
+def pipe(parts):
+    pipe = ColaImagePriorPipeline.from_parts(*parts, fuse=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def captioner(pipe):
+    return ColaCaptionPipeline(**pipe.components)
+
+
+def rendered_images(n: int = 2) -> list[PIL.Image.Image]:
+    from colabridge.data.shapes import make_examples
+
+    return [PIL.Image.fromarray(e.image) for e in make_examples(n, seed=0)]
+
+
+# --------------------------------------------------------------------------- text → image
+
+
+def test_prompt_to_images_all_output_types(pipe):
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    out = pipe(["a small red circle on the left", "a blue square"], num_images_per_prompt=2, num_inference_steps=STEPS,
+               generator=gen(), output_type="np")
+    assert out.images.shape == (4, IMAGE_SIZE, IMAGE_SIZE, 3) and np.isfinite(out.images).all()
+    assert out.latents.shape == (4, 4, 4, 4)  # (B·n, c, h, w)
+    pil = pipe("a small red circle on the left", num_inference_steps=STEPS, generator=gen()).images
+    assert len(pil) == 1 and pil[0].size == (IMAGE_SIZE, IMAGE_SIZE) and pil[0].mode == "RGB"
+    latent = pipe("a small red circle on the left", num_inference_steps=STEPS, generator=gen(), output_type="latent")
+    assert latent.images is None
+    # the same seed gives the same image; the prompt conditions it
+    torch.testing.assert_close(latent.latents, out.latents[:1])
+    other = pipe("a large green cross at the top", num_inference_steps=STEPS, generator=gen(), output_type="latent")
+    assert not torch.allclose(other.latents, latent.latents)
+
+
+def test_packed_cfg_equals_two_pass_and_decode_matches_latents(pipe):
+    kw = dict(num_inference_steps=STEPS, output_type="pt")
+    packed = pipe("a cyan triangle below a red square", generator=torch.Generator().manual_seed(1), **kw)
+    looped = pipe("a cyan triangle below a red square", generator=torch.Generator().manual_seed(1), packed_cfg=False, **kw)
+    torch.testing.assert_close(packed.latents, looped.latents, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        decoded = pipe.autoencoder.decode(pipe.space.denormalize(packed.latents)).sample
+    torch.testing.assert_close(packed.images, (decoded / 2 + 0.5).clamp(0, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_words_and_empty_prompt_still_run(pipe):
+    out = pipe(["a zorblax qwfp on the flibbertigibbet", ""], num_inference_steps=STEPS, output_type="np",
+               generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3) and np.isfinite(out.images).all()
+
+
+def test_prompt_history_is_left_aligned_before_the_image_block(pipe):
+    """A prompt batched with a longer one gets the same image as alone (left padding, compact positions)."""
+    noise = torch.randn(1, 16, 4, generator=torch.Generator().manual_seed(3))
+    alone = pipe("a red circle", latents=noise, num_inference_steps=STEPS, output_type="latent").latents
+    batched = pipe(["a red circle", "a very much longer prompt about a large blue cross near the bottom"],
+                   latents=noise.repeat(2, 1, 1), num_inference_steps=STEPS, output_type="latent").latents
+    torch.testing.assert_close(batched[:1], alone, atol=1e-5, rtol=1e-5)
+    latents, valid = encode_captions(pipe.vae, pipe.tokenizer, ["a", "a much longer caption"], pipe.block_size,
+                                     pipe.tokenizer.pad_token_id)
+    assert latents.shape[1] % pipe.block_size == 0 and valid[:, -1].all() and not valid[0, 0]
+
+
+def test_fused_pipeline_saves_loads_and_matches(parts, pipe, tmp_path):
+    fused = ColaImagePriorPipeline.from_parts(*parts)  # fuse=True
+    fused.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=STEPS, output_type="latent")
+    expected = pipe("a small red circle", generator=torch.Generator().manual_seed(0), **kw).latents
+    got = fused("a small red circle", generator=torch.Generator().manual_seed(0), **kw).latents
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="fuse_image_adapter"):
+        pipe.save_pretrained(tmp_path / "unfused")
+    fused.save_pretrained(tmp_path / "image")
+    loaded = load_image_pipeline(ColaImagePriorPipeline, tmp_path / "image")
+    loaded.set_progress_bar_config(disable=True)
+    again = loaded("a small red circle", generator=torch.Generator().manual_seed(0), **kw).latents
+    torch.testing.assert_close(again, got)
+    assert isinstance(load_image_pipeline(ColaCaptionPipeline, tmp_path / "image"), ColaCaptionPipeline)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"guidance_scale": -1.0}, "guidance_scale"),
+    ({"guidance_scale": float("nan")}, "guidance_scale"),
+    ({"num_inference_steps": 0}, "num_inference_steps"),
+    ({"num_inference_steps": 2.5}, "num_inference_steps"),
+    ({"num_images_per_prompt": 0}, "num_images_per_prompt"),
+    ({"output_type": "jpeg"}, "output_type"),
+    ({"latents": torch.zeros(1, 3, 4)}, r"latents.*\(1, 16, 4\)"),
+    ({"solver": "rk4"}, "solver"),
+])
+def test_image_pipeline_bad_arguments(pipe, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        pipe("a red circle", **{"num_inference_steps": STEPS, **kwargs})
+
+
+def test_image_pipeline_bad_prompt_and_mismatched_components(pipe):
+    with pytest.raises(TypeError, match="prompt"):
+        pipe(["a red circle", 3])
+    flux_like = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                              up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
+                              layers_per_block=1, latent_channels=16, norm_num_groups=4, sample_size=IMAGE_SIZE)
+    with pytest.raises(ValueError, match=r"\(4, 4, 4\).*\(16, 4, 4\)"):
+        ColaImagePriorPipeline(**{**pipe.components, "autoencoder": flux_like})
+
+
+# --------------------------------------------------------------------------- image → caption
+
+
+def test_caption_pipeline_runs_on_images_arrays_and_tensors(captioner):
+    images = rendered_images(2)
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    out = captioner(images, max_new_tokens=8, num_inference_steps=STEPS, generator=gen())
+    assert len(out.texts) == 2 and all(isinstance(t, str) for t in out.texts)
+    assert out.latents.shape[0] == 2 and out.latents.shape[1] % captioner.block_size == 0
+    ids = captioner(np.stack([np.asarray(im) for im in images]), max_new_tokens=8, num_inference_steps=STEPS,
+                    output_type="ids", generator=gen())
+    assert ids.texts is None and ids.sequences == out.sequences
+    pixels = torch.from_numpy(np.array(images[0])).permute(2, 0, 1).float() / 127.5 - 1.0
+    single = captioner(pixels, max_new_tokens=8, num_inference_steps=STEPS, output_type="latent")
+    assert single.latents.shape == (1, 8, captioner.vae.config.latent_dim)
+
+
+def test_caption_depends_on_the_image_and_packed_equals_two_pass(captioner):
+    images = rendered_images(2)
+    kw = dict(max_new_tokens=4, num_inference_steps=STEPS, output_type="latent")
+    a = captioner(images[0], generator=torch.Generator().manual_seed(0), **kw).latents
+    b = captioner(images[1], generator=torch.Generator().manual_seed(0), **kw).latents
+    assert not torch.allclose(a, b)
+    looped = captioner(images[0], generator=torch.Generator().manual_seed(0), packed_cfg=False, **kw).latents
+    torch.testing.assert_close(looped, a, atol=1e-5, rtol=1e-5)
+
+
+def test_caption_stops_at_stop_ids(captioner):
+    image = rendered_images(1)[0]
+    free = captioner(image, max_new_tokens=8, num_inference_steps=STEPS, output_type="ids",
+                     generator=torch.Generator().manual_seed(0), stop_token_ids=[])
+    first = free.sequences[0][1]  # stop on the second generated id
+    out = captioner(image, max_new_tokens=8, num_inference_steps=STEPS, output_type="ids",
+                    generator=torch.Generator().manual_seed(0), stop_token_ids=[first])
+    assert out.finished.all() and out.sequences[0] == free.sequences[0][: free.sequences[0].index(first)]
+
+
+def test_caption_bad_images(captioner):
+    image = rendered_images(1)[0]
+    with pytest.raises(ValueError, match="mode 'L'.*convert"):
+        captioner(image.convert("L"))
+    with pytest.raises(ValueError, match="32×32.*resize"):
+        captioner(image.resize((64, 64)))
+    with pytest.raises(ValueError, match="uint8"):
+        captioner(np.asarray(image).astype(np.float64))
+    with pytest.raises(ValueError, match="32×32"):
+        captioner(torch.zeros(1, 3, 16, 16))
+    with pytest.raises(TypeError, match="PIL image"):
+        captioner("image.png")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        captioner(image, max_new_tokens=0)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        captioner(image, guidance_scale=-2)
