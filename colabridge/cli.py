@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     from .eval.harness import add_eval_parser  # `colabridge eval`
     add_eval_parser(sub)
+    from .image_cli import add_image_commands  # `colabridge imagine`, `colabridge caption`
+    add_image_commands(sub)
     return parser
 
 

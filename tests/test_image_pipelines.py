@@ -210,3 +210,28 @@ def test_caption_bad_images(captioner):
         captioner(image, max_new_tokens=0)
     with pytest.raises(ValueError, match="guidance_scale"):
         captioner(image, guidance_scale=-2)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_imagine_and_caption(parts, tmp_path, capsys):
+    from colabridge.cli import main
+
+    ColaImagePriorPipeline.from_parts(*parts).save_pretrained(tmp_path / "image")
+    main(["imagine", "a small red circle on the left", "-o", str(tmp_path / "out.png"), "--model",
+          str(tmp_path / "image"), "--steps", "2", "-n", "2"])
+    written = [tmp_path / "out-0.png", tmp_path / "out-1.png"]
+    assert capsys.readouterr().out.split() == [str(p) for p in written]
+    assert PIL.Image.open(written[0]).size == (IMAGE_SIZE, IMAGE_SIZE)
+    text, adapter, autoencoder = parts  # a text pipeline + adapter + autoencoder works as well
+    main(["caption", str(written[0]), "--model", str(text), "--adapter", str(adapter), "--autoencoder",
+          str(autoencoder), "--steps", "2", "--max-new-tokens", "4"])
+    assert capsys.readouterr().out.endswith("\n")
+    PIL.Image.open(written[0]).resize((64, 64)).save(tmp_path / "big.png")
+    with pytest.raises(SystemExit, match="32×32"):
+        main(["caption", str(tmp_path / "big.png"), "--model", str(tmp_path / "image"), "--steps", "2"])
+    with pytest.raises(SystemExit, match="guidance_scale"):
+        main(["imagine", "a red circle", "--model", str(tmp_path / "image"), "--guidance-scale", "-1"])
+    with pytest.raises(SystemExit, match="both an image adapter folder and an autoencoder"):
+        main(["imagine", "a red circle", "--model", str(text), "--adapter", str(adapter)])

@@ -1,0 +1,113 @@
+"""``colabridge imagine`` (prompt → PNG) and ``colabridge caption`` (image → text).
+
+``--model`` is an image pipeline folder (``ColaImagePriorPipeline.save_pretrained``); or a text
+pipeline folder with ``--adapter`` (image adapter folder) and ``--autoencoder`` (``AutoencoderKL`` folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .paths import artifact_root
+
+DEFAULT_IMAGE_MODEL = "cola-shapes"  # pipelines/<this> when --model is not given
+
+
+def default_image_model() -> Path:
+    path = artifact_root() / "pipelines" / DEFAULT_IMAGE_MODEL
+    if not path.is_dir():
+        raise SystemExit(f"no embedded image model at {path}; pass --model DIR (with --adapter/--autoencoder for a "
+                         "text pipeline folder).")
+    return path
+
+
+def _load(cls, args):
+    from .pipelines.pipeline_image import load_image_pipeline
+
+    try:
+        pipe = load_image_pipeline(cls, args.model or default_image_model(), args.adapter, args.autoencoder)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"colabridge {args.command}: {err}") from err
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _output_paths(out: str, count: int) -> list[Path]:
+    """``out`` for one image; ``stem-0.png``, ``stem-1.png``, … for several."""
+    path = Path(out)
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(count)]
+
+
+def cmd_imagine(args) -> None:
+    import torch
+
+    from .pipelines import ColaImagePriorPipeline
+
+    pipe = _load(ColaImagePriorPipeline, args)
+    try:
+        out = pipe(args.prompt, num_images_per_prompt=args.num_images, num_inference_steps=args.steps,
+                   guidance_scale=args.guidance_scale, generator=torch.Generator().manual_seed(args.seed))
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"colabridge imagine: {err}") from err
+    for image, path in zip(out.images, _output_paths(args.output, len(out.images))):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if args.scale > 1:  # nearest-neighbour upscaling keeps the pixels of a 32×32 image visible
+            image = image.resize((image.width * args.scale, image.height * args.scale), resample=0)
+        image.save(path)
+        print(path)
+
+
+def cmd_caption(args) -> None:
+    import torch
+    from PIL import Image
+
+    from .pipelines import ColaCaptionPipeline
+
+    pipe = _load(ColaCaptionPipeline, args)
+    images = []
+    for name in args.image:
+        try:
+            images.append(Image.open(name))
+        except (FileNotFoundError, OSError) as err:
+            raise SystemExit(f"colabridge caption: cannot read {name}: {err}") from err
+    try:
+        out = pipe(images, max_new_tokens=args.max_new_tokens, num_inference_steps=args.steps,
+                   guidance_scale=args.guidance_scale, generator=torch.Generator().manual_seed(args.seed))
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"colabridge caption: {err}") from err
+    if len(images) == 1:
+        print(out.texts[0])
+        return
+    for name, text in zip(args.image, out.texts):
+        print(json.dumps({"image": name, "caption": text}, ensure_ascii=False))
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help=f"image pipeline folder, or a text pipeline folder with --adapter/--autoencoder "
+                                   f"(default: pipelines/{DEFAULT_IMAGE_MODEL})")
+    p.add_argument("--adapter", help="image adapter folder (PEFT LoRA + projections/) for a text pipeline --model")
+    p.add_argument("--autoencoder", help="diffusers AutoencoderKL folder, with --adapter")
+    p.add_argument("--steps", type=int, default=16, help="solver steps per block")
+    p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise (and token sampling)")
+
+
+def add_image_commands(subparsers) -> None:
+    """Add ``imagine`` and ``caption`` to a ``colabridge`` subparsers object."""
+    imagine = subparsers.add_parser("imagine", help="generate an image from a prompt (text → image prior)")
+    imagine.add_argument("prompt", help="the prompt, e.g. \"a small red circle on the left\"")
+    imagine.add_argument("-o", "--output", default="out.png", help="PNG path (stem-<i>.png for several images)")
+    imagine.add_argument("-n", "--num-images", type=int, default=1, help="images for the prompt")
+    imagine.add_argument("--scale", type=int, default=1, help="nearest-neighbour upscaling factor of the saved PNG")
+    _model_arguments(imagine)
+    imagine.set_defaults(func=cmd_imagine)
+
+    caption = subparsers.add_parser("caption", help="caption image(s) (image → text)")
+    caption.add_argument("image", nargs="+", help="image file(s) at the autoencoder's size, RGB")
+    caption.add_argument("--max-new-tokens", type=int, default=24, help="caption token budget (whole blocks)")
+    _model_arguments(caption)
+    caption.set_defaults(func=cmd_caption)
