@@ -235,3 +235,25 @@ def test_cli_imagine_and_caption(parts, tmp_path, capsys):
         main(["imagine", "a red circle", "--model", str(tmp_path / "image"), "--guidance-scale", "-1"])
     with pytest.raises(SystemExit, match="both an image adapter folder and an autoencoder"):
         main(["imagine", "a red circle", "--model", str(text), "--adapter", str(adapter)])
+
+
+# --------------------------------------------------------------------------- training script
+
+
+def test_shapes_adapter_training_script_runs_resumes_and_exports(parts, tmp_path):
+    """Two steps, resume to three, export + held-out evaluation, on the tiny random models."""
+    import json
+
+    from colabridge.adapters.train_shapes import main as train_main
+
+    text, _, autoencoder = parts
+    base = ["--text-model", str(text), "--autoencoder", str(autoencoder), "--out", str(tmp_path / "run"),
+            "--batch-size", "2", "--num-train", "4", "--rank", "2", "--patch-size", "1", "--checkpoint-every", "1"]
+    train_main(base + ["--steps", "2"])
+    train_main(base + ["--steps", "3"])
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 3
+    train_main(base + ["--steps", "3", "--export", str(tmp_path / "adapter"), "--pipeline", str(tmp_path / "pipe"),
+                       "--eval-num", "2", "--eval-steps", "1", "--eval-guidance", "1"])
+    metrics = json.loads((tmp_path / "adapter" / "metrics.json").read_text())
+    assert metrics["step"] == 3 and 0 <= metrics["heldout_cfg1"]["text_to_image"]["all"] <= 1
+    assert isinstance(load_image_pipeline(ColaCaptionPipeline, tmp_path / "pipe"), ColaCaptionPipeline)

@@ -99,18 +99,20 @@ def left_align(latents: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
     return out, valid  # (B, L, C), (B, L)
 
 
-def encode_captions(vae: ColaTextVAE, tokenizer, texts: list[str], block_size: int, pad_token_id: int):
-    """Captions → normalised text latents ``(B, L, C)`` (posterior mode) and ``valid`` ``(B, L)``, left-aligned.
+def encode_captions(vae: ColaTextVAE, tokenizer, texts: list[str], block_size: int, pad_token_id: int,
+                    left: bool = True):
+    """Captions → normalised text latents ``(B, L, C)`` (posterior mode) and ``valid`` ``(B, L)``.
 
     Each caption is padded with ``pad_token_id`` to whole blocks (the pads are encoder input, as in
-    :class:`ColaPipeline`), so the block after it starts at a block boundary. Shared by the
-    pipelines and adapter training so both see the same layout.
+    :class:`ColaPipeline`), so the block after it starts at a block boundary. ``left`` aligns the
+    captions to the end (a history before an image block); otherwise they start at 0 (captions that
+    follow an image). Shared by the pipelines and adapter training so both see the same layout.
     """
     ids = [list(x) for x in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
     input_ids, mask = pad_to_blocks(ids, block_size, pad_token_id)
     device = vae.device
     latents = vae.normalize(vae.encode(input_ids.to(device), mask.to(device)).mode().float())  # (B, L, C)
-    return left_align(latents, mask.to(device))
+    return left_align(latents, mask.to(device)) if left else (latents, mask.to(device))
 
 
 class _ImageBridgePipeline(DiffusionPipeline):

@@ -1,0 +1,219 @@
+"""Train an image adapter on the shapes world (text → image and image → text in one adapter) and measure it.
+
+Reads top to bottom: load (text pipeline + AutoencoderKL, frozen) → encode the training set once →
+add LoRA + projections → flow-matching loop (both directions, condition dropout for CFG; exact
+resume from ``checkpoint.pt``) → export (PEFT adapter folder + a fused image pipeline folder) →
+evaluate on held-out (shape, colour) compositions with the exact readers.
+
+Usage::
+
+    python -m colabridge.adapters.train_shapes --text-model pipelines/shapes-text \\
+        --autoencoder pipelines/shapes-autoencoder --out runs/shapes-adapter --steps 2000
+    python -m colabridge.adapters.train_shapes ... --export adapters/shapes-image --pipeline pipelines/cola-shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+
+from ..data.shapes import make_examples, score, score_caption
+from ..training.losses import FlowMatchingConfig
+from .latent_spaces import ImageLatentSpace
+from .losses import flow_matching_loss_image
+from .multimodal import MultimodalPrior
+from .saving import add_image_adapter, save_image_adapter
+
+CHECKPOINT = "checkpoint.pt"
+DATA = "data.pt"
+ENCODE_BATCH = 256
+
+
+def load_bases(text_model: str, autoencoder: str):
+    from ..pipelines import ColaPipeline
+
+    text = ColaPipeline.from_pretrained(text_model)
+    ae = AutoencoderKL.from_pretrained(autoencoder).eval()
+    for module in (text.vae, text.transformer, ae):
+        module.requires_grad_(False)
+    return text, ae
+
+
+@torch.no_grad()
+def encode_dataset(text, ae, space: ImageLatentSpace, num: int, seed: int) -> dict:
+    """Training tensors: prompt latents (left-aligned, no eos), caption latents (+eos, from 0), image tokens."""
+    from ..pipelines.pipeline_image import encode_captions
+
+    examples = make_examples(num, seed=seed, split="train", image_size=space.sample_size)
+    tok, bs, pad = text.tokenizer, text.transformer.config.block_size, text.tokenizer.pad_token_id
+    eos = tok.eos_token or ""
+    out = {"prompt": [], "prompt_valid": [], "caption": [], "caption_valid": [], "image": []}
+    for i in range(0, num, ENCODE_BATCH):
+        chunk = examples[i: i + ENCODE_BATCH]
+        captions = [e.caption for e in chunk]
+        for key, texts, left in (("prompt", captions, True), ("caption", [c + eos for c in captions], False)):
+            lat, valid = encode_captions(text.vae, tok, texts, bs, pad, left=left)
+            out[key].append(lat)
+            out[f"{key}_valid"].append(valid)
+        pixels = torch.from_numpy(np.stack([e.image for e in chunk])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        out["image"].append(space.encode(ae, pixels))
+    return {k: _cat_padded(v, left=k.startswith("prompt")) for k, v in out.items()}
+
+
+def _cat_padded(chunks: list[torch.Tensor], left: bool) -> torch.Tensor:
+    """Concatenate along the batch, zero-padding the token axis (on the left for left-aligned prompts)."""
+    width = max(c.shape[1] for c in chunks)
+    padded = []
+    for c in chunks:
+        pad = [0, 0] * (c.ndim - 2) + ([width - c.shape[1], 0] if left else [0, width - c.shape[1]])
+        padded.append(torch.nn.functional.pad(c, pad))
+    return torch.cat(padded)
+
+
+def train(args) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    text, ae = load_bases(args.text_model, args.autoencoder)
+    space = ImageLatentSpace.from_autoencoder(ae, patch_size=args.patch_size)
+    if (out / DATA).is_file():
+        data = torch.load(out / DATA)
+    else:
+        data = encode_dataset(text, ae, space, args.num_train, args.seed)
+        torch.save(data, out / DATA)
+    adapter = add_image_adapter(text.transformer, space, r=args.rank)
+    prior = MultimodalPrior(text.transformer, {"image": adapter})
+    params = [p for p in prior.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    step, elapsed = 0, 0.0
+    if (out / CHECKPOINT).is_file():
+        state = torch.load(out / CHECKPOINT, weights_only=False)
+        prior.load_state_dict(state["trainable"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed = state["step"], state["elapsed"]
+        print(f"resumed at step {step}", flush=True)
+    fm = FlowMatchingConfig()
+    start, n = time.time() - elapsed, data["image"].shape[0]
+    log = open(out / "log.csv", "a")
+    while step < args.steps:
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + np.cos(np.pi * step / args.steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # exact resume
+        idx = torch.randint(n, (args.batch_size,), generator=gen)
+        t2i, _ = flow_matching_loss_image(prior, data["prompt"][idx], data["image"][idx], "text_to_image",
+                                          data["prompt_valid"][idx], cfg=fm, drop_condition_prob=args.drop_prob,
+                                          generator=gen)
+        i2t, _ = flow_matching_loss_image(prior, data["caption"][idx], data["image"][idx], "image_to_text",
+                                          data["caption_valid"][idx], cfg=fm, drop_condition_prob=args.drop_prob,
+                                          generator=gen)
+        loss = t2i + args.i2t_weight * i2t
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        step += 1
+        if step % args.log_every == 0:
+            line = f"{step},{time.time() - start:.1f},{lr:.2e},{t2i.item():.4f},{i2t.item():.4f}"
+            log.write(line + "\n")
+            log.flush()
+            print(line, flush=True)
+        if step % args.checkpoint_every == 0 or step == args.steps:
+            trainable = {k: v for k, v in prior.state_dict().items() if "lora_" in k or k.startswith("adapters.")}
+            tmp = out / (CHECKPOINT + ".tmp")
+            torch.save({"trainable": trainable, "optimizer": optimizer.state_dict(), "step": step,
+                        "elapsed": time.time() - start}, tmp)
+            os.replace(tmp, out / CHECKPOINT)
+            if args.save_adapter_every and step % args.save_adapter_every == 0:
+                save_image_adapter(text.transformer, adapter, out / "adapter")
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(pipe, captioner, num: int, seed: int, steps: int, guidance: float, split: str = "heldout") -> dict:
+    """Text → image: every attribute of the prompt read back from the image; image → text: every attribute
+    of the image named by the caption. Both on ``split`` scenes (held-out compositions by default)."""
+    examples = make_examples(num, seed=seed, split=split, image_size=pipe.image_size)
+    gen = torch.Generator().manual_seed(seed)
+    images = pipe([e.caption for e in examples], num_inference_steps=steps, guidance_scale=guidance,
+                  generator=gen, output_type="np").images
+    t2i = [score((im * 255).round().astype(np.uint8), e.scene) for im, e in zip(images, examples)]
+    texts = captioner([e.image for e in examples], num_inference_steps=steps, guidance_scale=guidance,
+                      generator=gen).texts
+    i2t = [score_caption(t, e.scene) for t, e in zip(texts, examples)]
+
+    def mean(rows):
+        keys = sorted({k for r in rows for k in r})
+        return {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}
+
+    samples = [{"caption": e.caption, "generated_caption": t} for e, t in zip(examples[:8], texts[:8])]
+    return {"split": split, "num": num, "steps": steps, "guidance_scale": guidance,
+            "text_to_image": mean(t2i), "image_to_text": mean(i2t), "samples": samples}
+
+
+def export(args) -> None:
+    """Checkpoint → adapter folder (PEFT + projections) and, with ``--pipeline``, a fused image pipeline; evaluate."""
+    from ..pipelines import ColaCaptionPipeline, ColaImagePriorPipeline
+
+    text, ae = load_bases(args.text_model, args.autoencoder)
+    space = ImageLatentSpace.from_autoencoder(ae, patch_size=args.patch_size)
+    adapter = add_image_adapter(text.transformer, space, r=args.rank)
+    prior = MultimodalPrior(text.transformer, {"image": adapter})
+    state = torch.load(Path(args.out) / CHECKPOINT, weights_only=False)
+    prior.load_state_dict(state["trainable"], strict=False)
+    save_image_adapter(text.transformer, adapter, args.export)
+    pipe = ColaImagePriorPipeline(vae=text.vae, transformer=text.transformer, image_adapter=adapter.eval(),
+                                  autoencoder=ae, scheduler=text.scheduler, tokenizer=text.tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    metrics = {"step": state["step"], "wall_time_s": round(state["elapsed"])}
+    for guidance in args.eval_guidance:
+        key = f"heldout_cfg{guidance:g}"
+        metrics[key] = evaluate(pipe, ColaCaptionPipeline(**pipe.components), args.eval_num, 2024,
+                                args.eval_steps, guidance)
+        print(key, json.dumps({k: metrics[key][k] for k in ("text_to_image", "image_to_text")}), flush=True)
+    Path(args.export, "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if args.pipeline:
+        pipe.fuse_image_adapter()
+        pipe.save_pretrained(args.pipeline)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--text-model", required=True, help="ColaPipeline folder whose text VAE + DiT know the captions")
+    p.add_argument("--autoencoder", required=True, help="diffusers AutoencoderKL folder (shapes world)")
+    p.add_argument("--out", required=True, help="run folder (data.pt, checkpoint.pt, log.csv); resumes if present")
+    p.add_argument("--steps", type=int, default=2000, help="optimiser steps")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per step (both directions each)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (LoRA + projections)")
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps, then cosine decay")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank on the DiT trunk")
+    p.add_argument("--patch-size", type=int, default=2, help="latent pixels per image token side")
+    p.add_argument("--num-train", type=int, default=8000, help="training scenes, encoded once")
+    p.add_argument("--drop-prob", type=float, default=0.1, help="condition dropout (trains the CFG uncond branch)")
+    p.add_argument("--i2t-weight", type=float, default=1.0, help="weight of the image → text loss")
+    p.add_argument("--seed", type=int, default=0, help="seed of data, init and batches")
+    p.add_argument("--log-every", type=int, default=25, help="steps between log lines")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
+    p.add_argument("--save-adapter-every", type=int, default=0, help="also write run/adapter every N steps (0 = no)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--export", default=None, help="write the checkpoint's adapter here and evaluate (no training)")
+    p.add_argument("--pipeline", default=None, help="with --export: also save a fused image pipeline folder here")
+    p.add_argument("--eval-num", type=int, default=200, help="held-out scenes per evaluation")
+    p.add_argument("--eval-steps", type=int, default=16, help="solver steps per block in evaluation")
+    p.add_argument("--eval-guidance", type=float, nargs="+", default=[1.0, 3.0], help="CFG scales to evaluate")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    export(args) if args.export else train(args)
+
+
+if __name__ == "__main__":
+    main()
