@@ -221,10 +221,11 @@ class ColaImagePriorPipeline(_ImageBridgePipeline):
     """
 
     def check_inputs(self, prompt, num_images_per_prompt, num_inference_steps, guidance_scale, output_type,
-                     pad_token_id, latents, batch_size) -> None:
+                     pad_token_id, latents) -> None:
         items = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(items, (list, tuple)) or not items or not all(isinstance(p, str) for p in items):
             raise TypeError(f"`prompt` must be a str or a non-empty list of str, got {type(prompt).__name__}.")
+        batch_size = len(items) * num_images_per_prompt if isinstance(num_images_per_prompt, int) else 0
         if not (isinstance(num_images_per_prompt, int) and 1 <= num_images_per_prompt <= MAX_NUM_IMAGES_PER_PROMPT):
             raise ValueError(f"`num_images_per_prompt` must be an int in [1, {MAX_NUM_IMAGES_PER_PROMPT}], "
                              f"got {num_images_per_prompt!r}.")
@@ -290,11 +291,11 @@ class ColaImagePriorPipeline(_ImageBridgePipeline):
             solver: ``"euler"`` or ``"heun"``; packed_cfg: cond and uncond in one DiT forward.
         """
         # 0. inputs
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else prompt
         pad_token_id = self.tokenizer.pad_token_id if pad_token_id is None else pad_token_id
-        batch = len(prompts) * num_images_per_prompt if isinstance(prompts, list) else 0
-        self.check_inputs(prompts, num_images_per_prompt, num_inference_steps, guidance_scale, output_type,
-                          pad_token_id, latents, batch)
+        self.check_inputs(prompt, num_images_per_prompt, num_inference_steps, guidance_scale, output_type,
+                          pad_token_id, latents)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        batch = len(prompts) * num_images_per_prompt
         # 1. prompt → text latents; 2. prefill them into the prior history
         prompt_latents, valid = self.encode_prompt(prompts, num_images_per_prompt, pad_token_id)
         history = self.prepare_history(prompt_latents, valid)
