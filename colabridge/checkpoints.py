@@ -88,9 +88,10 @@ def model_from_official(cls, folder: Path, allow_pickle: bool = False, dtype: to
         raise CheckpointError(f"{folder}: model_type is {config.get('model_type')!r}, expected {expected_type!r}.")
     params = inspect.signature(cls.__init__).parameters
     fields = {k: v for k, v in config.items() if k in params and k != "self"}
-    model = cls.from_config(fields)
     state = load_official_state_dict(folder, allow_pickle)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    with torch.device("meta"):  # no random init, no second copy of the weights: tensors are assigned
+        model = cls.from_config(fields)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise CheckpointError(f"{folder}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]}).")
     model.eval()

@@ -214,8 +214,9 @@ class ColaDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.config.num_layers)
+    def new_cache(self, capacity: int = 256) -> KVCache:
+        """An empty cache; ``capacity`` (tokens per sample) is preallocated, and grows if exceeded."""
+        return KVCache(self.config.num_layers, capacity)
 
     def rotary_tables(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE cos/sin ``(B, 1, L, rope_dim)`` for ``position_ids`` (every layer holds the same freqs)."""

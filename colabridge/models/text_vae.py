@@ -271,9 +271,9 @@ class ColaTextVAE(ModelMixin, ConfigMixin):
         x = x.unflatten(-1, (-1, self.config.patch_size)).transpose(-1, -2).flatten(1, 2)  # (B, n·p, D)
         return self.decoder.final_layer(self.decoder.final_norm(x))  # (B, n·p, V)
 
-    def new_cache(self) -> KVCache:
-        """An empty decoder cache for block-wise decoding."""
-        return KVCache(self.config.decoder_num_blocks)
+    def new_cache(self, capacity: int = 256) -> KVCache:
+        """An empty decoder cache for block-wise decoding (``capacity`` tokens preallocated, grows)."""
+        return KVCache(self.config.decoder_num_blocks, capacity)
 
     def normalize(self, latents: torch.Tensor) -> torch.Tensor:
         """Latent normalisation applied before the DiT: ``(z - shifting_factor) · scaling_factor``."""

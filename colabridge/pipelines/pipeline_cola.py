@@ -222,14 +222,16 @@ class ColaPipeline(DiffusionPipeline):
         ]
         return torch.stack(noise).to(device=device, dtype=dtype)
 
-    def prepare_history(self, plan: PromptPlan, rounding) -> tuple[CachedStream, CachedStream]:
+    def prepare_history(self, plan: PromptPlan, rounding, num_blocks: int) -> tuple[CachedStream, CachedStream]:
         """Caches of the prior and the decoder, prefilled with the prefix latents (spec §5.3 step 7).
 
         The prior sees bf16-rounded history at t=0; the decoder history stays float32.
         """
         bsz, device = plan.prefix.shape[0], self._execution_device
-        prior = CachedStream(self.transformer, self.transformer.new_cache(), bsz, device, self.transformer.dtype)
-        decoder = CachedStream(self.vae.decode, self.vae.new_cache(), bsz, device, self.vae.dtype)
+        # history + generated blocks + the scratch of one packed [cond | uncond] query
+        capacity = plan.prefix.shape[1] + (num_blocks + 2) * self.block_size
+        prior = CachedStream(self.transformer, self.transformer.new_cache(capacity), bsz, device, self.transformer.dtype)
+        decoder = CachedStream(self.vae.decode, self.vae.new_cache(capacity), bsz, device, self.vae.dtype)
         if plan.prefix_valid.any():
             prefix = plan.prefix.to(device)
             valid = plan.prefix_valid.to(device)
@@ -351,7 +353,7 @@ class ColaPipeline(DiffusionPipeline):
             stop_token_ids = self.default_stop_ids()
         stop = torch.tensor([stop_token_ids] if isinstance(stop_token_ids, int) else list(stop_token_ids), dtype=torch.long)
         with numerics:
-            prior, decoder = self.prepare_history(plan, prior_input_rounding)
+            prior, decoder = self.prepare_history(plan, prior_input_rounding, n_blocks)
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p,
                         repetition_penalty=repetition_penalty, generator=generator)
         method = get_solver(solver)
