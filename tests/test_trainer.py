@@ -115,7 +115,7 @@ def test_batch_plan_is_a_function_of_the_step():
 
 def test_config_validation():
     with pytest.raises(ValueError, match="stage"):
-        T.TrainConfig(stage="lora")
+        T.TrainConfig(stage="dpo")
     with pytest.raises(ValueError, match="data.path"):
         T.load_texts(T.DataConfig(source="lines"))
 

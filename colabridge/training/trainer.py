@@ -38,6 +38,9 @@ STAGES = ("vae", "joint", "lora")
 CHECKPOINT_PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-"
 STATE_FILE = "trainer_state.json"
+EPOCH_SEED_STRIDE = 100_003  # permutation seed of epoch e: seed·stride + e (distinct across seeds and epochs)
+EVAL_BATCH = 64  # rows per forward pass in evaluation and latent statistics
+STAT_ROWS = 1024  # training rows used to estimate the latent shift/scale
 
 
 # --------------------------------------------------------------------------- config
@@ -228,7 +231,7 @@ class BatchPlan:
     def indices(self, micro_step: int) -> torch.Tensor:
         epoch, i = divmod(micro_step, self.per_epoch)
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            g = torch.Generator().manual_seed(self.seed * EPOCH_SEED_STRIDE + epoch)
             self._epoch, self._perm = epoch, torch.randperm(self.num_rows, generator=g)
         start = i * self.global_batch + self.rank * self.batch_size
         return self._perm[start : start + self.batch_size]
@@ -265,9 +268,7 @@ def build_objective(cfg: TrainConfig, vocab_size: int, train_rows: TextRows) -> 
     if cfg.stage == "vae":
         return Objective("vae", loss_cfg, vae.train())
     if cfg.latent_stats == "estimate":
-        rows = [(train_rows.ids[i : i + 64], train_rows.real[i : i + 64]) for i in range(0, min(len(train_rows), 1024), 64)]
-        vae.eval()
-        L.store_latent_stats(vae, *L.estimate_latent_stats(vae, rows))
+        L.store_latent_stats(vae, *L.estimate_latent_stats(vae.eval(), stat_batches(train_rows)))
     if cfg.init_dit:
         dit = ColaDiT.from_pretrained(cfg.init_dit)
     else:
@@ -281,6 +282,12 @@ def build_objective(cfg: TrainConfig, vocab_size: int, train_rows: TextRows) -> 
         if loss_cfg.ref_weight > 0:
             ref = copy.deepcopy(vae).requires_grad_(False).eval()
     return Objective("joint", loss_cfg, vae, dit.train(), ref)
+
+
+def stat_batches(rows: TextRows, max_rows: int = STAT_ROWS) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``max_rows`` training rows as ``(ids, real)`` batches for the latent statistics."""
+    n = min(len(rows), max_rows)
+    return [(rows.ids[i : i + EVAL_BATCH], rows.real[i : i + EVAL_BATCH]) for i in range(0, n, EVAL_BATCH)]
 
 
 def build_lora_objective(cfg: TrainConfig) -> Objective:
@@ -394,8 +401,8 @@ def evaluate(objective: Objective, rows: TextRows | None, max_rows: int, seed: i
     ids, real = rows.ids[:max_rows], rows.real[:max_rows]
     correct = ce = fm = count = 0.0
     g = torch.Generator().manual_seed(seed)
-    for i in range(0, len(ids), 64):
-        b_ids, b_real = ids[i : i + 64], real[i : i + 64]
+    for i in range(0, len(ids), EVAL_BATCH):
+        b_ids, b_real = ids[i : i + EVAL_BATCH], real[i : i + EVAL_BATCH]
         posterior = vae.encode(b_ids)
         logits = vae.decode(posterior.mode())
         n = float(b_real.sum())
@@ -469,7 +476,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = Non
     bar.close()
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.is_main_process and step >= cfg.max_steps:
-        finish(cfg, unwrapped, out, held_rows, step)
+        finish(cfg, unwrapped, out, train_rows, held_rows, step)
     accelerator.wait_for_everyone()
     return unwrapped
 
@@ -502,7 +509,7 @@ def _write_eval(out: Path, step: int, metrics: dict) -> None:
         fh.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
-def finish(cfg: TrainConfig, objective: Objective, out: Path, held_rows, step: int) -> None:
+def finish(cfg: TrainConfig, objective: Objective, out: Path, train_rows: TextRows, held_rows, step: int) -> None:
     """Final evaluation, loss curve and exported models (``vae/``, ``transformer/``, ``pipeline/``)."""
     metrics = evaluate(objective, held_rows, cfg.eval_rows, cfg.seed)
     _write_eval(out, step, metrics)
@@ -515,8 +522,7 @@ def finish(cfg: TrainConfig, objective: Objective, out: Path, held_rows, step: i
         return
     vae = objective.vae
     if cfg.stage == "vae" and cfg.latent_stats == "estimate":
-        rows = _stat_batches(out, cfg)
-        L.store_latent_stats(vae, *L.estimate_latent_stats(vae.eval(), rows))
+        L.store_latent_stats(vae, *L.estimate_latent_stats(vae.eval(), stat_batches(train_rows)))
     vae.save_pretrained(out / "vae")
     if objective.dit is not None:
         objective.dit.save_pretrained(out / "transformer")
@@ -534,18 +540,6 @@ def finish_lora(objective: Objective, out: Path, held_rows, cfg: TrainConfig, st
     objective.dit.enable_adapters()
     _write_eval(out, step, {"base_" + k: v for k, v in base.items()})
     print(f"[colabridge train] base model: " + ", ".join(f"{k}={v:.4f}" for k, v in base.items()))
-
-
-def _stat_batches(out: Path, cfg: TrainConfig):
-    from tokenizers import Tokenizer
-
-    from ..data import text
-
-    train_texts, _ = text.split_holdout(load_texts(cfg.data), cfg.data.holdout_fraction)
-    tok = Tokenizer.from_file(str(Path(cfg.data.tokenizer) if cfg.data.tokenizer else out / "tokenizer.json"))
-    ids, real = text.pack_sentences(text.encode_texts(tok, train_texts[:4096]), cfg.data.seq_len,
-                                    tok.token_to_id(text.EOS), tok.token_to_id(text.PAD))
-    return [(ids[i : i + 64], real[i : i + 64]) for i in range(0, len(ids), 64)]
 
 
 def export_pipeline(vae: ColaTextVAE, dit: ColaDiT, tokenizer_json: Path, folder: Path) -> Path:
