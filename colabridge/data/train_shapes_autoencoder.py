@@ -88,6 +88,15 @@ def attribute_preservation(vae: AutoencoderKL, num: int = 500, seed: int = 12345
     return {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys} | {"num": num, "split": split}
 
 
+@torch.no_grad()
+def latent_stats(vae: AutoencoderKL, num: int = 1000, seed: int = 4321) -> tuple[float, float]:
+    """``(shift_factor, scaling_factor)`` = (mean, 1/std) of posterior-mode latents of ``"train"`` scenes,
+    so ``(z − shift)·scaling`` has zero mean and unit variance for the prior (diffusers' convention)."""
+    images = np.stack([e.image for e in make_examples(num, seed=seed, split="train", image_size=IMAGE_SIZE)])
+    latents = torch.cat([vae.encode(to_pixels(images[i: i + 250])).latent_dist.mode() for i in range(0, num, 250)])
+    return float(latents.mean()), float(1.0 / latents.std())
+
+
 def save_checkpoint(path: Path, vae, optimizer, step: int, elapsed: float) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save({"model": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
@@ -140,7 +149,8 @@ def train(args) -> None:
 
 
 def export(args) -> None:
-    """Checkpoint → diffusers folder (fp16 weights) + ``metrics.json`` measured on the fp32 and fp16 models."""
+    """Checkpoint → diffusers folder (fp16 weights, latent shift/scale measured) + ``metrics.json``
+    (attribute preservation of the fp32 model and of the fp16 weights, held-out and train scenes)."""
     state = torch.load(Path(args.out) / CHECKPOINT, weights_only=False)
     vae = AutoencoderKL.from_config(state["config"])
     vae.load_state_dict(state["model"])
@@ -151,8 +161,11 @@ def export(args) -> None:
     vae16 = vae16.to(torch.float16).to(torch.float32).eval()  # what a user gets loading the fp16 file in fp32
     fp16 = attribute_preservation(vae16, args.eval_num)
     train_split = attribute_preservation(vae16, args.eval_num, split="train", seed=777)
+    shift, scale = latent_stats(vae)
+    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
     vae.to(torch.float16).save_pretrained(args.export)
-    metrics = {"step": state["step"], "wall_time_s": round(state["elapsed"]), "heldout_fp32": fp32,
+    metrics = {"step": state["step"], "wall_time_s": round(state["elapsed"]), "shift_factor": shift,
+               "scaling_factor": scale, "heldout_fp32": fp32,
                "heldout_fp16_weights": fp16, "train_fp16_weights": train_split}
     Path(args.export, "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics, indent=2))
