@@ -1,0 +1,427 @@
+"""Autoregressive baseline (GPT-2 architecture) and generative perplexity.
+
+The baseline is a ``transformers.GPT2LMHeadModel`` with the Cola model's tokenizer, trained on the same
+sentences (same reader, same hash held-out split) with a parameter count matched to the Cola model's
+DiT + VAE decoder. It serves two purposes (issue 4, item 6):
+
+* the scorer for **generative perplexity** of generated text (:func:`generative_perplexity`), compared
+  with the same number for held-out real continuations (:func:`real_text_perplexity`);
+* the small-scale Cola-vs-AR comparison (its own held-out perplexity is in its model card).
+
+Data layout: sentences are packed with :func:`colabridge.data.text.pack_sentences` into rows of
+``seq_len − 1`` tokens and every row is prefixed with ``<|endoftext|>``, so each sentence the model sees
+follows an end-of-text token. Scoring uses the same convention: the context of a continuation is
+``[eos] + prompt`` (the model's ``bos_token_id`` is the eos id).
+
+Train (1 CPU thread, background)::
+
+    nohup python -m colabridge.eval.ar_baseline --output pipelines/ar-baseline-tiny-en \\
+        --run-dir runs/ar-baseline-tiny-en --max-steps 600 > runs/ar-baseline-tiny-en.log 2>&1 &
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_TOKENIZER = "runs/cola-tiny-en-vae/tokenizer.json"
+DEFAULT_OUTPUT = "pipelines/ar-baseline-tiny-en"
+DEFAULT_RUN_DIR = "runs/ar-baseline-tiny-en"
+
+
+# --------------------------------------------------------------------------- model
+
+
+def build_ar_model(vocab_size: int, eos_id: int, pad_id: int | None = None, n_embd: int = 256, n_layer: int = 6,
+                   n_head: int = 4, n_positions: int = 128, seed: int = 0):
+    """A fresh ``GPT2LMHeadModel`` (tied embeddings, no dropout) whose bos/eos id is ``eos_id``."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=eos_id, eos_token_id=eos_id,
+                        pad_token_id=pad_id, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config)
+
+
+def num_parameters(model) -> int:
+    """Unique parameters (tied weights counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def load_ar_model(folder: str | os.PathLike = DEFAULT_OUTPUT):
+    """The saved baseline in float32 eval mode (it is stored in float16 to keep the folder small)."""
+    from transformers import GPT2LMHeadModel
+
+    return GPT2LMHeadModel.from_pretrained(str(folder), dtype=torch.float32).eval()
+
+
+# --------------------------------------------------------------------------- generative perplexity
+
+
+def _cut_after_eos(ids: Sequence[int], eos_id: int | None) -> list[int]:
+    ids = [int(i) for i in ids]
+    if eos_id is not None and eos_id in ids:
+        ids = ids[: ids.index(eos_id) + 1]
+    return ids
+
+
+@torch.no_grad()
+def continuation_nll(ar_model, token_id_lists: Sequence[Sequence[int]], contexts: Sequence[Sequence[int]] | None = None,
+                     eos_id: int | None = None, bos_id: int | None = None, batch_size: int = 16) -> tuple[float, int]:
+    """``(sum of NLL, number of scored tokens)`` of each continuation given ``[bos] + context`` and its own
+    earlier tokens. Tokens after the first ``eos_id`` of a continuation are dropped (the eos is scored).
+
+    ``eos_id`` / ``bos_id`` default to the model config's; pass ``bos_id=-1`` for no bos. With no context
+    and no bos the first token of a continuation has nothing to condition on and is not scored.
+    Sequences longer than ``n_positions`` keep their last ``n_positions`` tokens (left-truncated context).
+    """
+    cfg = ar_model.config
+    eos_id = cfg.eos_token_id if eos_id is None else eos_id
+    bos_id = cfg.bos_token_id if bos_id is None else bos_id
+    bos = [] if bos_id is None or bos_id < 0 else [int(bos_id)]
+    contexts = contexts if contexts is not None else [[] for _ in token_id_lists]
+    if len(contexts) != len(token_id_lists):
+        raise ValueError(f"{len(contexts)} contexts for {len(token_id_lists)} continuations.")
+    rows = []  # (ids, number of scored tokens at the end)
+    for gen, ctx in zip(token_id_lists, contexts):
+        gen = _cut_after_eos(gen, eos_id)
+        full = bos + [int(i) for i in ctx] + gen
+        scored = min(len(gen), len(full) - 1)
+        if scored <= 0:
+            continue
+        full = full[-cfg.n_positions :]
+        rows.append((full, min(scored, len(full) - 1)))
+    device = next(ar_model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        width = max(len(r) for r, _ in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        attn = torch.zeros(len(chunk), width, dtype=torch.long)
+        for i, (r, n) in enumerate(chunk):  # right padding: positions stay 0..len-1
+            ids[i, : len(r)] = torch.tensor(r)
+            attn[i, : len(r)] = 1
+            labels[i, len(r) - n : len(r)] = torch.tensor(r[len(r) - n :])
+        logits = ar_model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float()
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten().to(device), ignore_index=-100,
+                              reduction="sum")
+        total += float(nll)
+        count += int((labels[:, 1:] != -100).sum())
+    return total, count
+
+
+def generative_perplexity(ar_model, token_id_lists: Sequence[Sequence[int]], contexts: Sequence[Sequence[int]] | None = None,
+                          eos_id: int | None = None, bos_id: int | None = None, batch_size: int = 16) -> float:
+    """exp(mean NLL) of the generated tokens under ``ar_model`` given the preceding context
+    (``[bos] + contexts[i]`` and the earlier generated tokens); tokens after the first end-of-text are
+    dropped. ``nan`` when nothing can be scored. See :func:`continuation_nll`."""
+    total, count = continuation_nll(ar_model, token_id_lists, contexts, eos_id, bos_id, batch_size)
+    return math.exp(total / count) if count else float("nan")
+
+
+def prompt_continuations(sentences: Sequence[Sequence[int]], prompt_len: int = 4, max_new_tokens: int = 64,
+                         eos_id: int | None = None, min_continuation: int = 4, limit: int | None = None):
+    """Split tokenised sentences into ``(prompts, continuations)``: the first ``prompt_len`` tokens, and
+    the rest plus ``eos_id`` cut to ``max_new_tokens``. Sentences with fewer than ``min_continuation``
+    continuation tokens are skipped; at most ``limit`` pairs, in order."""
+    prompts, conts = [], []
+    for ids in sentences:
+        ids = [int(i) for i in ids]
+        if len(ids) - prompt_len < min_continuation:
+            continue
+        rest = ids[prompt_len:] + ([eos_id] if eos_id is not None else [])
+        prompts.append(ids[:prompt_len])
+        conts.append(rest[:max_new_tokens])
+        if limit is not None and len(prompts) >= limit:
+            break
+    return prompts, conts
+
+
+def real_text_perplexity(ar_model, sentences: Sequence[Sequence[int]], prompt_len: int = 4, max_new_tokens: int = 64,
+                         limit: int | None = None, eos_id: int | None = None) -> float:
+    """Generative perplexity of held-out *real* continuations (the reference for generated text):
+    each sentence's first ``prompt_len`` tokens are the context, the rest + eos the "generation"."""
+    eos_id = ar_model.config.eos_token_id if eos_id is None else eos_id
+    prompts, conts = prompt_continuations(sentences, prompt_len, max_new_tokens, eos_id, limit=limit)
+    return generative_perplexity(ar_model, conts, prompts, eos_id=eos_id)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def heldout_sentences(tokenizer_path: str | os.PathLike = DEFAULT_TOKENIZER, source: str = "wordnet",
+                      holdout_fraction: float = 0.02) -> tuple[list[str], list[list[int]]]:
+    """Held-out sentences (the trainer's hash split) and their token ids."""
+    from tokenizers import Tokenizer
+
+    from ..data import text
+
+    _, held = text.split_holdout(_read_source(source), holdout_fraction)
+    return held, text.encode_texts(Tokenizer.from_file(str(tokenizer_path)), held)
+
+
+def _read_source(source: str) -> list[str]:
+    from ..data import text
+
+    if source == "wordnet":
+        return text.read_wordnet()
+    if os.path.isfile(source):
+        return text.read_lines(source)
+    raise ValueError(f"source={source!r}: 'wordnet' or a text file with one sentence per line.")
+
+
+def pack_rows(token_lists, seq_len: int, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``[eos] + pack_sentences(..., seq_len − 1)``: ``(ids, labels)`` with ``-100`` on padding."""
+    from ..data import text
+
+    ids, real = text.pack_sentences(token_lists, seq_len - 1, eos_id, pad_id)
+    ids = torch.cat((torch.full((ids.shape[0], 1), eos_id, dtype=torch.long), ids), 1)
+    real = torch.cat((torch.ones(real.shape[0], 1, dtype=torch.bool), real), 1)
+    return ids, ids.masked_fill(~real, -100)
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class ARTrainConfig:
+    tokenizer: str = DEFAULT_TOKENIZER
+    source: str = "wordnet"
+    holdout_fraction: float = 0.02
+    seq_len: int = 128
+    n_embd: int = 256
+    n_layer: int = 6
+    n_head: int = 4
+    n_positions: int = 128
+    batch_size: int = 16
+    max_steps: int = 600
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 40
+    weight_decay: float = 0.01
+    betas: tuple = (0.9, 0.95)
+    grad_clip: float = 1.0
+    seed: int = 0
+    save_every: int = 50
+    log_every: int = 10
+    eval_rows: int = 128
+    num_threads: int = 1
+    output: str = DEFAULT_OUTPUT
+    run_dir: str = DEFAULT_RUN_DIR
+    save_dtype: str = "float16"
+    extra: dict = field(default_factory=dict)
+
+
+def cosine_lambda(warmup: int, total: int, min_ratio: float):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def batch_indices(num_rows: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """Rows of step ``step``: a seeded permutation per epoch cut into batches (resumable from the step)."""
+    per_epoch = num_rows // batch_size
+    epoch, k = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    return torch.randperm(num_rows, generator=g)[k * batch_size : (k + 1) * batch_size]
+
+
+@torch.no_grad()
+def heldout_loss(model, ids: torch.Tensor, labels: torch.Tensor, batch_size: int = 32) -> float:
+    """Mean token NLL over the labelled (non-pad) targets of held-out rows."""
+    model.eval()
+    total, count = 0.0, 0
+    for s in range(0, ids.shape[0], batch_size):
+        logits = model(input_ids=ids[s : s + batch_size]).logits.float()
+        lab = labels[s : s + batch_size, 1:]
+        total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), lab.flatten(), ignore_index=-100, reduction="sum"))
+        count += int((lab != -100).sum())
+    model.train()
+    return total / count
+
+
+def train_ar_baseline(cfg: ARTrainConfig, resume: bool = True) -> dict:
+    """Train the baseline with accelerate (AdamW, warmup + cosine, fixed seed), checkpoint to
+    ``run_dir/checkpoint.pt`` every ``save_every`` steps (resumed when present), log to
+    ``run_dir/losses.csv``, then ``save_pretrained`` (safetensors) + tokenizer + README to ``output``."""
+    from accelerate import Accelerator
+    from tokenizers import Tokenizer
+
+    from ..data import text
+
+    torch.set_num_threads(cfg.num_threads)
+    run_dir, out = Path(cfg.run_dir), Path(cfg.output)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    tok = Tokenizer.from_file(cfg.tokenizer)
+    eos, pad = tok.token_to_id(text.EOS), tok.token_to_id(text.PAD)
+    train_texts, held_texts = text.split_holdout(_read_source(cfg.source), cfg.holdout_fraction)
+    train_ids, train_labels = pack_rows(text.encode_texts(tok, train_texts), cfg.seq_len, eos, pad)
+    held_ids, held_labels = pack_rows(text.encode_texts(tok, held_texts), cfg.seq_len, eos, pad)
+    held_ids, held_labels = held_ids[: cfg.eval_rows], held_labels[: cfg.eval_rows]
+    print(f"[ar] {len(train_texts)} train / {len(held_texts)} held-out sentences -> {train_ids.shape[0]} rows of "
+          f"{cfg.seq_len}; vocab {tok.get_vocab_size()}", flush=True)
+
+    accelerator = Accelerator(cpu=True)
+    model = build_ar_model(tok.get_vocab_size(), eos, pad, cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.n_positions, cfg.seed)
+    n_params = num_parameters(model)
+    print(f"[ar] GPT2LMHeadModel: {n_params / 1e6:.3f}M parameters", flush=True)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.betas))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lambda(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    ckpt, step, elapsed = run_dir / "checkpoint.pt", 0, 0.0
+    if resume and ckpt.is_file():
+        state = torch.load(ckpt, weights_only=False)
+        accelerator.unwrap_model(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, elapsed = state["step"], state["elapsed"]
+        torch.set_rng_state(state["rng"])
+        print(f"[ar] resumed at step {step}", flush=True)
+    csv = run_dir / "losses.csv"
+    if step == 0:
+        csv.write_text("step,loss,lr,elapsed_s\n")
+
+    def save(step: int) -> None:
+        state = {"model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "step": step, "elapsed": elapsed, "rng": torch.get_rng_state()}
+        tmp = ckpt.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, ckpt)
+
+    model.train()
+    t0, running = time.time() - elapsed, []
+    while step < cfg.max_steps:
+        idx = batch_indices(train_ids.shape[0], cfg.batch_size, step, cfg.seed)
+        ids, labels = train_ids[idx], train_labels[idx]
+        loss = model(input_ids=ids, labels=labels).loss
+        accelerator.backward(loss)
+        if cfg.grad_clip:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        elapsed = time.time() - t0
+        running.append(loss.item())
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            mean = sum(running) / len(running)
+            running = []
+            with open(csv, "a") as fh:
+                fh.write(f"{step},{mean:.5f},{scheduler.get_last_lr()[0]:.3e},{elapsed:.1f}\n")
+            print(f"[ar] step {step}/{cfg.max_steps} loss {mean:.4f} ({elapsed / step:.2f} s/step)", flush=True)
+        if step % cfg.save_every == 0 and step < cfg.max_steps:
+            save(step)
+    save(step)
+
+    final = accelerator.unwrap_model(model)
+    held = heldout_loss(final, held_ids, held_labels)
+    real_ppl = None
+    _, held_tok = held_texts, text.encode_texts(tok, held_texts)
+    final.eval()
+    real_ppl = real_text_perplexity(final, held_tok, limit=256)
+    result = {"params": n_params, "steps": step, "wall_time_s": round(elapsed, 1),
+              "tokens_seen": step * cfg.batch_size * cfg.seq_len, "heldout_loss": held,
+              "heldout_ppl": math.exp(held), "heldout_rows": int(held_ids.shape[0]),
+              "real_continuation_gen_ppl": real_ppl, "train_rows": int(train_ids.shape[0])}
+    (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+    print(f"[ar] held-out loss {held:.4f} ppl {math.exp(held):.2f}; real-continuation gen-ppl {real_ppl:.2f}", flush=True)
+    export(final, cfg, result, out)
+    return result
+
+
+def export(model, cfg: ARTrainConfig, result: dict, out: Path) -> Path:
+    """``save_pretrained`` (safetensors, ``cfg.save_dtype``) + the tokenizer + a README card."""
+    import copy
+
+    from ..pipelines import load_tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    m = copy.deepcopy(model).to(getattr(torch, cfg.save_dtype))
+    m.save_pretrained(str(out), safe_serialization=True)
+    load_tokenizer(cfg.tokenizer).save_pretrained(str(out))
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    (out / "README.md").write_text(model_card(cfg, result, model.config, size))
+    return out
+
+
+def model_card(cfg: ARTrainConfig, r: dict, config, size_bytes: int) -> str:
+    return f"""---
+library_name: transformers
+license: other
+tags: [gpt2, autoregressive-baseline, colabridge]
+---
+
+# ar-baseline-tiny-en — autoregressive baseline for `cola-tiny-en`
+
+A GPT-2-architecture language model (`GPT2LMHeadModel`) trained by colabridge on CPU as the
+autoregressive baseline of issue 4 item 6: it scores **generative perplexity** of text generated by
+the Cola model `pipelines/cola-tiny-en`, and is the small-scale Cola-vs-AR comparison.
+
+* **Data**: the same as `cola-tiny-en` — WordNet 3.0 glosses and example sentences
+  (`colabridge.data.text.read_wordnet`, WordNet licence), the same hash held-out split
+  (`split_holdout`, fraction {cfg.holdout_fraction}); sentences + `<|endoftext|>` packed by
+  `pack_sentences` into rows of {cfg.seq_len - 1} tokens, each row prefixed with `<|endoftext|>`.
+* **Tokenizer**: the Cola model's byte-level BPE (`{cfg.tokenizer}`, vocab {config.vocab_size}), included here.
+* **Size**: n_embd {config.n_embd}, n_layer {config.n_layer}, n_head {config.n_head}, n_positions
+  {config.n_positions}, tied embeddings: **{r['params'] / 1e6:.2f}M parameters** (matched to the Cola
+  model's DiT + VAE decoder, 4.54M + 0.61M = 5.16M). Stored in {cfg.save_dtype} ({size_bytes / 1e6:.1f} MB folder);
+  load with `colabridge.eval.ar_baseline.load_ar_model` (float32).
+* **Training**: {r['steps']} steps × batch {cfg.batch_size} × {cfg.seq_len} tokens ({r['tokens_seen'] / 1e6:.2f}M tokens,
+  < 1 epoch of {r['train_rows']} rows), AdamW (lr {cfg.lr}, betas {tuple(cfg.betas)}, wd {cfg.weight_decay}),
+  {cfg.warmup_steps} warmup steps + cosine to {cfg.min_lr_ratio}× lr, grad clip {cfg.grad_clip}, seed {cfg.seed},
+  accelerate on 1 CPU thread (shared machine); **wall time {r['wall_time_s'] / 60:.1f} min**.
+* **Held-out** ({r['heldout_rows']} packed rows): loss **{r['heldout_loss']:.3f}** nats/token, perplexity
+  **{r['heldout_ppl']:.1f}**. Generative perplexity of real held-out continuations (first 4 tokens as
+  context, rest + eos scored, 256 sentences): **{r['real_continuation_gen_ppl']:.1f}**.
+
+This is a short CPU run: the model is under-trained compared with the Cola model's {3500} joint steps,
+so its perplexities are a yardstick for *relative* comparisons (generated vs real text), not a
+strong language model.
+
+Command:
+
+```
+python -m colabridge.eval.ar_baseline --max-steps {cfg.max_steps} --batch-size {cfg.batch_size} \\
+    --output {cfg.output} --run-dir {cfg.run_dir}
+```
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Train the GPT-2 autoregressive baseline.")
+    d = ARTrainConfig()
+    for name in ("tokenizer", "source", "output", "run_dir", "save_dtype"):
+        p.add_argument("--" + name.replace("_", "-"), default=getattr(d, name))
+    for name in ("seq_len", "n_embd", "n_layer", "n_head", "n_positions", "batch_size", "max_steps", "warmup_steps",
+                 "seed", "save_every", "log_every", "eval_rows", "num_threads"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "holdout_fraction"):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    p.add_argument("--no-resume", action="store_true")
+    args = vars(p.parse_args(argv))
+    resume = not args.pop("no_resume")
+    train_ar_baseline(ARTrainConfig(**args), resume=resume)
+
+
+if __name__ == "__main__":
+    main()
