@@ -63,8 +63,8 @@ def _dit_copy(official: Path, tmp_path: Path) -> Path:
         (dict(max_new_tokens=-1), ValueError, r"`max_new_tokens` must be a positive int, got -1"),
         (dict(max_new_tokens=4.0), ValueError, r"`max_new_tokens`"),
         (dict(num_inference_steps=0), ValueError, r"`num_inference_steps` must be an int >= 1, got 0"),
-        (dict(guidance_scale=-1.0), ValueError, r"`guidance_scale` must be >= 0"),
-        (dict(temperature=-0.5), ValueError, r"`temperature` must be >= 0"),
+        (dict(guidance_scale=-1.0), ValueError, r"`guidance_scale` must be a number >= 0"),
+        (dict(temperature=-0.5), ValueError, r"`temperature` must be a number >= 0"),
         (dict(top_p=0), ValueError, r"`top_p` must be in \(0, 1\]"),
         (dict(top_p=1.5), ValueError, r"`top_p` must be in \(0, 1\]"),
         (dict(top_k=-1), ValueError, r"`top_k` must be an int >= 0"),
@@ -318,3 +318,23 @@ def test_convert_into_non_empty_destination(official, tmp_path):
     with pytest.raises(FileExistsError, match=r"exists and is not empty.*overwrite=True"):
         convert.official_to_diffusers(official, dst)
     assert snapshot(tmp_path) == before  # dst untouched, nothing staged beside it
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(guidance_scale=None), "guidance_scale"),
+    (dict(temperature=None), "temperature"),
+    (dict(max_new_tokens=True), "max_new_tokens"),
+    (dict(top_p="0.9"), "top_p"),
+])
+def test_wrong_types_name_the_argument(pipe, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        pipe("Hello", **kwargs)
+
+
+def test_tokenizer_larger_than_vae_vocab_is_rejected(pipe):
+    from colabridge import ColaPipeline
+    from colabridge.models import ColaTextVAE
+
+    small = ColaTextVAE(**{**pipe.vae.config, "vocab_size": 100})
+    with pytest.raises(ValueError, match="vocab_size"):
+        ColaPipeline(small, pipe.transformer, pipe.scheduler, pipe.tokenizer)

@@ -115,6 +115,9 @@ class ColaPipeline(DiffusionPipeline):
     ):
         super().__init__()
         check_components(vae, transformer)
+        if tokenizer is not None and len(tokenizer) > vae.config.vocab_size:
+            raise ValueError(f"tokenizer has {len(tokenizer)} ids but the VAE vocab_size is {vae.config.vocab_size}; "
+                             "use the tokenizer the VAE was trained with.")
         self.register_modules(vae=vae, transformer=transformer, scheduler=scheduler, tokenizer=tokenizer)
 
     # ------------------------------------------------------------------ loading
@@ -170,12 +173,12 @@ class ColaPipeline(DiffusionPipeline):
                 raise TypeError(f"`prompt` must be a str or a non-empty list of str, got {type(prompt).__name__}"
                                 f"{'' if not isinstance(prompt, (list, tuple)) else ' containing ' + ', '.join(sorted({type(p).__name__ for p in prompt}))}.")
         checks = [
-            (isinstance(max_new_tokens, int) and max_new_tokens > 0, f"`max_new_tokens` must be a positive int, got {max_new_tokens!r}."),
-            (isinstance(num_inference_steps, int) and num_inference_steps >= 1, f"`num_inference_steps` must be an int >= 1, got {num_inference_steps!r}."),
-            (guidance_scale >= 0, f"`guidance_scale` must be >= 0 (1 disables guidance), got {guidance_scale}."),
-            (temperature >= 0, f"`temperature` must be >= 0 (0 = greedy), got {temperature}."),
-            (top_k is None or (isinstance(top_k, int) and top_k >= 0), f"`top_k` must be an int >= 0 or None (0 disables it), got {top_k!r}."),
-            (top_p is None or 0 < top_p <= 1, f"`top_p` must be in (0, 1] or None, got {top_p}."),
+            (_is_int(max_new_tokens) and max_new_tokens > 0, f"`max_new_tokens` must be a positive int, got {max_new_tokens!r}."),
+            (_is_int(num_inference_steps) and num_inference_steps >= 1, f"`num_inference_steps` must be an int >= 1, got {num_inference_steps!r}."),
+            (_is_real(guidance_scale) and guidance_scale >= 0, f"`guidance_scale` must be a number >= 0 (1 disables guidance), got {guidance_scale!r}."),
+            (_is_real(temperature) and temperature >= 0, f"`temperature` must be a number >= 0 (0 = greedy), got {temperature!r}."),
+            (top_k is None or (_is_int(top_k) and top_k >= 0), f"`top_k` must be an int >= 0 or None (0 disables it), got {top_k!r}."),
+            (top_p is None or (_is_real(top_p) and 0 < top_p <= 1), f"`top_p` must be in (0, 1] or None, got {top_p!r}."),
             (output_type in OUTPUT_TYPES, f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}."),
             (pad_token_id is not None, "No pad id: pass `pad_token_id` or use a tokenizer with a pad token."),
             (set(callback_tensor_inputs) <= set(self._callback_tensor_inputs),
@@ -440,6 +443,14 @@ class ColaPipeline(DiffusionPipeline):
         if output_type == "text":
             texts = self.tokenizer.batch_decode(sequences, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         return ColaPipelineOutput(texts, sequences, block_ids, latents, finished)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _computed_lengths(blocks: list["_Block"]) -> list[int]:
