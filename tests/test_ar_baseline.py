@@ -85,3 +85,12 @@ def test_pack_rows_and_batches():
     a, b = batch_indices(10, 4, 0, 0), batch_indices(10, 4, 1, 0)
     assert len(set(a.tolist()) | set(b.tolist())) == 8
     assert torch.equal(batch_indices(10, 4, 3, 0), batch_indices(10, 4, 3, 0))
+
+
+def test_prompts_stop_at_word_boundaries():
+    # token 7 continues a word; 8 starts one: a 4-token prompt would cut before 7, so 3 tokens are used
+    sents = [[5, 6, 8, 9, 7, 8, 9, 8, 9], [5, 6, 9, 7, 7, 7, 7, 7, 7]]
+    prompts, conts = prompt_continuations(sents, prompt_len=4, eos_id=EOS, min_prompt_len=3, word_start_ids={5, 6, 8, 9})
+    assert prompts[0] == [5, 6, 8]
+    assert prompts[1] == [5, 6, 9, 7]  # no boundary within 3..4: falls back to prompt_len
+    assert conts[0] == [9, 7, 8, 9, 8, 9, EOS]

@@ -131,21 +131,37 @@ def generative_perplexity(ar_model, token_id_lists: Sequence[Sequence[int]], con
 
 
 def prompt_continuations(sentences: Sequence[Sequence[int]], prompt_len: int = 4, max_new_tokens: int = 64,
-                         eos_id: int | None = None, min_continuation: int = 4, limit: int | None = None):
+                         eos_id: int | None = None, min_continuation: int = 4, limit: int | None = None,
+                         min_prompt_len: int | None = None, word_start_ids: set[int] | None = None):
     """Split tokenised sentences into ``(prompts, continuations)``: the first ``prompt_len`` tokens, and
     the rest plus ``eos_id`` cut to ``max_new_tokens``. Sentences with fewer than ``min_continuation``
-    continuation tokens are skipped; at most ``limit`` pairs, in order."""
+    continuation tokens are skipped; at most ``limit`` pairs, in order.
+
+    With ``word_start_ids`` (ids of tokens that begin a word, see :func:`word_start_ids`) the prompt is
+    the longest prefix of ``min_prompt_len…prompt_len`` tokens that does not cut a word (else ``prompt_len``).
+    """
     prompts, conts = [], []
+    low = prompt_len if min_prompt_len is None else min_prompt_len
     for ids in sentences:
         ids = [int(i) for i in ids]
-        if len(ids) - prompt_len < min_continuation:
+        n = prompt_len
+        if word_start_ids is not None:
+            n = next((k for k in range(prompt_len, low - 1, -1) if k < len(ids) and ids[k] in word_start_ids), prompt_len)
+        if len(ids) - n < min_continuation:
             continue
-        rest = ids[prompt_len:] + ([eos_id] if eos_id is not None else [])
-        prompts.append(ids[:prompt_len])
+        rest = ids[n:] + ([eos_id] if eos_id is not None else [])
+        prompts.append(ids[:n])
         conts.append(rest[:max_new_tokens])
         if limit is not None and len(prompts) >= limit:
             break
     return prompts, conts
+
+
+def word_start_ids(tokenizer) -> set[int]:
+    """Ids of a byte-level BPE vocabulary whose token starts a word (space marker ``Ġ``) or is not a
+    letter/digit continuation (punctuation, specials). ``tokenizer``: ``tokenizers.Tokenizer`` or HF fast."""
+    vocab = tokenizer.get_vocab()
+    return {i for t, i in vocab.items() if t.startswith("\u0120") or not t[:1].isalnum()}
 
 
 def real_text_perplexity(ar_model, sentences: Sequence[Sequence[int]], prompt_len: int = 4, max_new_tokens: int = 64,

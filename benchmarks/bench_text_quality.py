@@ -1,0 +1,138 @@
+"""Generated-text quality of a Cola text pipeline against held-out real text (issue 4 targets).
+
+Prompts are the first 3–4 tokens (``--min-prompt-len``…``--prompt-len``, not cutting a word) of held-out sentences (the trainer's hash split of the
+same corpus); the model continues each for up to ``--max-new-tokens`` tokens with the default sampler
+settings (greedy token choice, CFG 7, official per-sample noise seeds). The real reference is each
+sentence's own continuation (rest + ``<|endoftext|>``). For each of real text, 16-step Euler, 6-step
+Euler and 6-step Heun it prints: generative perplexity under the AR baseline (tokens after the first
+end-of-text dropped, the end-of-text itself scored), unigram entropy, distinct-1/2, 4-gram repetition
+rate and mean length (statistics over content tokens, end-of-text excluded), then the issue's ratios:
+
+* gen-ppl ≤ 1.5 × real text's;
+* unigram entropy within 10 % of real text's;
+* the best 6-step solver's gen-ppl within 5 % of 16-step Euler's (Heun with 6 steps = 11 DiT calls/block).
+
+    python benchmarks/bench_text_quality.py [--pipeline pipelines/cola-tiny-en] [--ar pipelines/ar-baseline-tiny-en]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from colabridge.eval.ar_baseline import (
+    generative_perplexity,
+    heldout_sentences,
+    load_ar_model,
+    prompt_continuations,
+    word_start_ids,
+)
+from colabridge.eval.metrics import text_stats
+
+CONFIGS = [("euler", 16), ("euler", 6), ("heun", 6)]
+
+
+def cut(ids, eos_id: int) -> list[int]:
+    ids = list(ids)
+    return ids[: ids.index(eos_id) + 1] if eos_id in ids else ids
+
+
+def content(ids, eos_id: int) -> list[int]:
+    return [i for i in cut(ids, eos_id) if i != eos_id]
+
+
+def row_stats(name: str, ar, prompts, conts, eos_id: int, extra: dict | None = None) -> dict:
+    conts = [cut(c, eos_id) for c in conts]
+    stats = text_stats([content(c, eos_id) for c in conts])
+    row = {"name": name, "gen_ppl": generative_perplexity(ar, conts, prompts, eos_id=eos_id), **stats,
+           "ended": sum(eos_id in c for c in conts) / len(conts)}
+    row.update(extra or {})
+    return row
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pipeline", default="pipelines/cola-tiny-en")
+    p.add_argument("--ar", default="pipelines/ar-baseline-tiny-en")
+    p.add_argument("--source", default="wordnet", help="corpus the held-out split is taken from")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=4)
+    p.add_argument("--min-prompt-len", type=int, default=3, help="shorten the prompt to this so it does not cut a word")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--noise-seed", type=int, default=0)
+    p.add_argument("--configs", default=",".join(f"{s}:{n}" for s, n in CONFIGS), help="solver:steps,...")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=None, help="also write the rows and ratios here")
+    p.add_argument("--show", type=int, default=3, help="print this many sample continuations per config")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from colabridge import ColaPipeline
+
+    pipe = ColaPipeline.from_pretrained(args.pipeline)
+    pipe.set_progress_bar_config(disable=True)
+    ar = load_ar_model(args.ar)
+    tok_file = Path(args.pipeline) / "tokenizer" / "tokenizer.json"
+    eos_id = pipe.tokenizer.eos_token_id
+    if ar.config.vocab_size != len(pipe.tokenizer) or ar.config.eos_token_id != eos_id:
+        raise SystemExit(f"AR baseline vocab/eos ({ar.config.vocab_size}, {ar.config.eos_token_id}) do not match the "
+                         f"pipeline tokenizer's ({len(pipe.tokenizer)}, {eos_id}).")
+    texts, sentences = heldout_sentences(tok_file, args.source)
+    prompts, real = prompt_continuations(sentences, args.prompt_len, args.max_new_tokens, eos_id, limit=args.num_prompts,
+                                         min_prompt_len=args.min_prompt_len, word_start_ids=word_start_ids(pipe.tokenizer))
+    print(f"{len(prompts)} held-out prompts of {args.min_prompt_len}–{args.prompt_len} tokens (word boundary), {args.max_new_tokens} new tokens max; "
+          f"pipeline {args.pipeline}, AR baseline {args.ar}")
+
+    rows = [row_stats("held-out real text", ar, prompts, real, eos_id)]
+    samples = {}
+    for spec in args.configs.split(","):
+        solver, steps = spec.split(":")
+        t0 = time.time()
+        out = pipe(prompt_ids=prompts, max_new_tokens=args.max_new_tokens, num_inference_steps=int(steps),
+                   solver=solver, noise_seed=args.noise_seed, output_type="ids")
+        wall = time.time() - t0
+        name = f"{solver} {steps} steps"
+        rows.append(row_stats(name, ar, prompts, out.sequences, eos_id, {"wall_s": wall}))
+        samples[name] = [pipe.tokenizer.decode(pr + cut(s, eos_id)) for pr, s in zip(prompts[: args.show], out.sequences)]
+        print(f"  {name}: {wall:.1f} s", flush=True)
+
+    print("\n| text | gen-ppl (AR) | unigram entropy | distinct-1 | distinct-2 | repetition-4 | mean length | ended | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        wall = f"{r['wall_s']:.0f}" if "wall_s" in r else "–"
+        print(f"| {r['name']} | {r['gen_ppl']:.2f} | {r['unigram_entropy']:.3f} | {r['distinct_1']:.3f} | "
+              f"{r['distinct_2']:.3f} | {r['repetition_4']:.3f} | {r['mean_length']:.1f} | {100 * r['ended']:.0f}% | {wall} |")
+
+    real_row, gen = rows[0], {r["name"]: r for r in rows[1:]}
+    print("\nTargets (issue 4):")
+    ratios = {}
+    for name, r in gen.items():
+        ppl_ratio = r["gen_ppl"] / real_row["gen_ppl"]
+        ent_dev = r["unigram_entropy"] / real_row["unigram_entropy"] - 1
+        ratios[name] = {"gen_ppl_ratio": ppl_ratio, "entropy_rel_diff": ent_dev}
+        print(f"  {name}: gen-ppl / real = {ppl_ratio:.2f} ({'PASS' if ppl_ratio <= 1.5 else 'FAIL'} ≤ 1.5); "
+              f"entropy vs real = {100 * ent_dev:+.1f}% ({'PASS' if abs(ent_dev) <= 0.10 else 'FAIL'} within ±10%)")
+    ref = next((r for n, r in gen.items() if n.startswith("euler 16 ")), None)
+    six = [r for n, r in gen.items() if n.endswith(" 6 steps")]
+    if ref and six:
+        best = min(six, key=lambda r: r["gen_ppl"])
+        rel = best["gen_ppl"] / ref["gen_ppl"] - 1
+        ratios["best_6_step"] = {"name": best["name"], "rel_to_euler16": rel}
+        print(f"  best 6-step ({best['name']}): gen-ppl {best['gen_ppl']:.2f} vs Euler-16 {ref['gen_ppl']:.2f} = "
+              f"{100 * rel:+.1f}% ({'PASS' if rel <= 0.05 else 'FAIL'} ≤ +5%)")
+    print("\nSamples (prompt + continuation):")
+    for name, texts_ in samples.items():
+        for t in texts_:
+            print(f"  [{name}] {t!r}")
+    result = {"rows": rows, "ratios": ratios, "samples": samples, "args": vars(args)}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
