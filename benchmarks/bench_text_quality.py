@@ -6,7 +6,8 @@ settings (greedy token choice, CFG 7, official per-sample noise seeds). The real
 sentence's own continuation (rest + ``<|endoftext|>``). For each of real text, 16-step Euler, 6-step
 Euler and 6-step Heun it prints: generative perplexity under the AR baseline (tokens after the first
 end-of-text dropped, the end-of-text itself scored), unigram entropy, distinct-1/2, 4-gram repetition
-rate and mean length (statistics over content tokens, end-of-text excluded), then the issue's ratios:
+rate and mean length (statistics over content tokens, end-of-text excluded) — plus, for the small-scale
+Cola-vs-AR comparison, the AR baseline's own top-p samples — then the issue's ratios:
 
 * gen-ppl ≤ 1.5 × real text's;
 * unigram entropy within 10 % of real text's;
@@ -54,6 +55,20 @@ def row_stats(name: str, ar, prompts, conts, eos_id: int, extra: dict | None = N
     return row
 
 
+@torch.no_grad()
+def ar_samples(ar, prompts, max_new_tokens: int, eos_id: int, seed: int, top_k: int = 50, top_p: float = 0.9):
+    """Continuations sampled from the AR baseline itself (``[eos] + prompt`` as context), for the
+    Cola-vs-AR comparison of text statistics (its gen-ppl is self-scored, hence optimistic)."""
+    torch.manual_seed(seed)
+    out = []
+    for pr in prompts:
+        ids = torch.tensor([[eos_id] + list(pr)])
+        gen = ar.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=top_k, top_p=top_p,
+                          max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=eos_id)
+        out.append(gen[0, ids.shape[1]:].tolist())
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pipeline", default="pipelines/cola-tiny-en")
@@ -66,6 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--noise-seed", type=int, default=0)
     p.add_argument("--configs", default=",".join(f"{s}:{n}" for s, n in CONFIGS), help="solver:steps,...")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-ar-samples", action="store_true", help="skip the AR baseline's own samples")
     p.add_argument("--json", default=None, help="also write the rows and ratios here")
     p.add_argument("--show", type=int, default=3, help="print this many sample continuations per config")
     args = p.parse_args(argv)
@@ -100,6 +116,13 @@ def main(argv: list[str] | None = None) -> dict:
         samples[name] = [pipe.tokenizer.decode(pr + cut(s, eos_id)) for pr, s in zip(prompts[: args.show], out.sequences)]
         print(f"  {name}: {wall:.1f} s", flush=True)
 
+    if not args.no_ar_samples:
+        t0 = time.time()
+        conts = ar_samples(ar, prompts, args.max_new_tokens, eos_id, args.noise_seed)
+        name = "AR baseline samples (top-k 50, top-p 0.9; self-scored)"
+        rows.append(row_stats(name, ar, prompts, conts, eos_id, {"wall_s": time.time() - t0}))
+        samples[name] = [pipe.tokenizer.decode(pr + cut(c, eos_id)) for pr, c in zip(prompts[: args.show], conts)]
+
     print("\n| text | gen-ppl (AR) | unigram entropy | distinct-1 | distinct-2 | repetition-4 | mean length | ended | wall s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -107,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {r['name']} | {r['gen_ppl']:.2f} | {r['unigram_entropy']:.3f} | {r['distinct_1']:.3f} | "
               f"{r['distinct_2']:.3f} | {r['repetition_4']:.3f} | {r['mean_length']:.1f} | {100 * r['ended']:.0f}% | {wall} |")
 
-    real_row, gen = rows[0], {r["name"]: r for r in rows[1:]}
+    real_row, gen = rows[0], {r["name"]: r for r in rows[1:] if not r["name"].startswith("AR ")}
     print("\nTargets (issue 4):")
     ratios = {}
     for name, r in gen.items():

@@ -403,7 +403,7 @@ the Cola model `pipelines/cola-tiny-en`, and is the small-scale Cola-vs-AR compa
   model's DiT + VAE decoder, 4.54M + 0.61M = 5.16M). Stored in {cfg.save_dtype} ({size_bytes / 1e6:.1f} MB folder);
   load with `colabridge.eval.ar_baseline.load_ar_model` (float32).
 * **Training**: {r['steps']} steps × batch {cfg.batch_size} × {cfg.seq_len} tokens ({r['tokens_seen'] / 1e6:.2f}M tokens,
-  < 1 epoch of {r['train_rows']} rows), AdamW (lr {cfg.lr}, betas {tuple(cfg.betas)}, wd {cfg.weight_decay}),
+  {r['steps'] * cfg.batch_size / r['train_rows']:.2f} epochs of {r['train_rows']} rows), AdamW (lr {cfg.lr}, betas {tuple(cfg.betas)}, wd {cfg.weight_decay}),
   {cfg.warmup_steps} warmup steps + cosine to {cfg.min_lr_ratio}× lr, grad clip {cfg.grad_clip}, seed {cfg.seed},
   accelerate on 1 CPU thread (shared machine); **wall time {r['wall_time_s'] / 60:.1f} min**.
 * **Held-out** ({r['heldout_rows']} packed rows): loss **{r['heldout_loss']:.3f}** nats/token, perplexity
@@ -434,8 +434,18 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "holdout_fraction"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--card-only", action="store_true", help="rewrite OUTPUT/README.md from RUN_DIR/result.json")
     args = vars(p.parse_args(argv))
     resume = not args.pop("no_resume")
+    if args.pop("card_only"):
+        cfg = ARTrainConfig(**json.loads((Path(args["run_dir"]) / "config.json").read_text()))
+        result = json.loads((Path(args["run_dir"]) / "result.json").read_text())
+        out = Path(cfg.output)
+        from transformers import GPT2Config
+
+        size = sum(f.stat().st_size for f in out.iterdir() if f.is_file() and f.name != "README.md")
+        (out / "README.md").write_text(model_card(cfg, result, GPT2Config.from_pretrained(str(out)), size))
+        return
     train_ar_baseline(ARTrainConfig(**args), resume=resume)
 
 
