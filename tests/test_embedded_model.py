@@ -1,0 +1,39 @@
+"""The shipped default model (pipelines/cola-tiny-en) loads, generates, and the CLI uses it by default."""
+
+import pytest
+import torch
+
+from colabridge.paths import default_text_model
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from colabridge import ColaPipeline
+
+    torch.set_num_threads(1)
+    pipe = ColaPipeline.from_pretrained(default_text_model())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_default_model_is_small_and_complete():
+    folder = default_text_model()
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert size < 25 * 2**20
+    for part in ("model_index.json", "README.md", "vae/config.json", "transformer/config.json", "tokenizer/tokenizer.json"):
+        assert (folder / part).is_file(), part
+
+
+def test_generates_eight_tokens(pipe):
+    out = pipe("The old house", max_new_tokens=8, generator=torch.Generator().manual_seed(0))
+    assert len(out.sequences[0]) >= 1 and isinstance(out.texts[0], str)
+    assert out.block_ids.shape[1] == 8  # two blocks of four
+
+
+def test_reconstructs_held_out_text(pipe):
+    text = "A small house in the country where people live."
+    ids = torch.tensor([pipe.tokenizer(text, add_special_tokens=False)["input_ids"]])
+    ids = ids[:, : ids.shape[1] // 4 * 4]
+    with torch.no_grad():
+        rec = pipe.vae.decode(pipe.vae.encode(ids).mode()).argmax(-1)
+    assert (rec == ids).float().mean() > 0.95
