@@ -256,4 +256,5 @@ def test_shapes_adapter_training_script_runs_resumes_and_exports(parts, tmp_path
                        "--eval-num", "2", "--eval-steps", "1", "--eval-guidance", "1"])
     metrics = json.loads((tmp_path / "adapter" / "metrics.json").read_text())
     assert metrics["step"] == 3 and 0 <= metrics["heldout_cfg1"]["text_to_image"]["all"] <= 1
+    assert PIL.Image.open(tmp_path / "adapter" / "grid.png").size == (4 * 4 * IMAGE_SIZE, 6 * 4 * IMAGE_SIZE)
     assert isinstance(load_image_pipeline(ColaCaptionPipeline, tmp_path / "pipe"), ColaCaptionPipeline)

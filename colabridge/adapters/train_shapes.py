@@ -160,6 +160,28 @@ def evaluate(pipe, captioner, num: int, seed: int, steps: int, guidance: float, 
             "text_to_image": mean(t2i), "image_to_text": mean(i2t), "samples": samples}
 
 
+GRID_PROMPTS = (  # held-out compositions (yellow circle, magenta square, cyan triangle, red cross) first
+    "a small yellow circle on the left", "a large magenta square in the center", "a large cyan triangle at the top",
+    "a small red cross at the bottom", "a large blue square above a small green triangle",
+    "a small red circle to the left of a large yellow cross",
+)
+GRID_SCALE = 4  # nearest-neighbour upscaling of the 32×32 images in the grid
+
+
+@torch.no_grad()
+def save_grid(pipe, path, prompts=GRID_PROMPTS, per_prompt: int = 4, steps: int = 16, guidance: float = 3.0):
+    """PNG grid: one row per prompt, ``per_prompt`` samples each (seeded), upscaled for viewing."""
+    from PIL import Image
+
+    images = pipe(list(prompts), num_images_per_prompt=per_prompt, num_inference_steps=steps,
+                  guidance_scale=guidance, generator=torch.Generator().manual_seed(0)).images
+    side = images[0].width * GRID_SCALE
+    grid = Image.new("RGB", (per_prompt * side, len(prompts) * side), (40, 40, 40))
+    for i, image in enumerate(images):
+        grid.paste(image.resize((side, side), Image.Resampling.NEAREST), ((i % per_prompt) * side, (i // per_prompt) * side))
+    grid.save(path)
+
+
 def export(args) -> None:
     """Checkpoint → adapter folder (PEFT + projections) and, with ``--pipeline``, a fused image pipeline; evaluate."""
     from ..pipelines import ColaCaptionPipeline, ColaImagePriorPipeline
@@ -181,6 +203,7 @@ def export(args) -> None:
                                 args.eval_steps, guidance)
         print(key, json.dumps({k: metrics[key][k] for k in ("text_to_image", "image_to_text")}), flush=True)
     Path(args.export, "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    save_grid(pipe, Path(args.export) / "grid.png", steps=args.eval_steps)
     if args.pipeline:
         pipe.fuse_image_adapter()
         pipe.save_pretrained(args.pipeline)
