@@ -2,6 +2,7 @@
 
 ``--model`` is an image pipeline folder (``ColaImagePriorPipeline.save_pretrained``); or a text
 pipeline folder with ``--adapter`` (image adapter folder) and ``--autoencoder`` (``AutoencoderKL`` folder).
+Without any of them, the embedded shapes-world model (:data:`DEFAULT_PARTS`) is used.
 """
 
 from __future__ import annotations
@@ -12,22 +13,30 @@ from pathlib import Path
 
 from .paths import artifact_root
 
-DEFAULT_IMAGE_MODEL = "cola-shapes"  # pipelines/<this> when --model is not given
+# embedded default: the shapes text model + its image adapter + the shapes autoencoder
+DEFAULT_PARTS = ("pipelines/shapes-text", "adapters/shapes-image", "pipelines/shapes-autoencoder")
 
 
-def default_image_model() -> Path:
-    path = artifact_root() / "pipelines" / DEFAULT_IMAGE_MODEL
-    if not path.is_dir():
-        raise SystemExit(f"no embedded image model at {path}; pass --model DIR (with --adapter/--autoencoder for a "
-                         "text pipeline folder).")
-    return path
+def default_parts() -> tuple[Path, Path, Path]:
+    paths = tuple(artifact_root() / part for part in DEFAULT_PARTS)
+    missing = [str(p) for p in paths if not p.is_dir()]
+    if missing:
+        raise SystemExit(f"embedded image model missing ({', '.join(missing)}); pass --model DIR (with "
+                         "--adapter/--autoencoder for a text pipeline folder).")
+    return paths
 
 
 def _load(cls, args):
     from .pipelines.pipeline_image import load_image_pipeline
 
+    if args.model is None and args.adapter is None and args.autoencoder is None:
+        model, adapter, autoencoder = default_parts()
+    else:
+        model, adapter, autoencoder = args.model, args.adapter, args.autoencoder
+        if model is None:
+            raise SystemExit(f"colabridge {args.command}: --adapter/--autoencoder need --model (a text pipeline folder).")
     try:
-        pipe = load_image_pipeline(cls, args.model or default_image_model(), args.adapter, args.autoencoder)
+        pipe = load_image_pipeline(cls, model, adapter, autoencoder)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"colabridge {args.command}: {err}") from err
     pipe.set_progress_bar_config(disable=True)
@@ -87,8 +96,8 @@ def cmd_caption(args) -> None:
 
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help=f"image pipeline folder, or a text pipeline folder with --adapter/--autoencoder "
-                                   f"(default: pipelines/{DEFAULT_IMAGE_MODEL})")
+    p.add_argument("--model", help="image pipeline folder, or a text pipeline folder with --adapter/--autoencoder "
+                                   f"(default: {' + '.join(DEFAULT_PARTS)})")
     p.add_argument("--adapter", help="image adapter folder (PEFT LoRA + projections/) for a text pipeline --model")
     p.add_argument("--autoencoder", help="diffusers AutoencoderKL folder, with --adapter")
     p.add_argument("--steps", type=int, default=16, help="solver steps per block")
