@@ -258,3 +258,31 @@ def test_shapes_adapter_training_script_runs_resumes_and_exports(parts, tmp_path
     assert metrics["step"] == 3 and 0 <= metrics["heldout_cfg1"]["text_to_image"]["all"] <= 1
     assert PIL.Image.open(tmp_path / "adapter" / "grid.png").size == (4 * 4 * IMAGE_SIZE, 6 * 4 * IMAGE_SIZE)
     assert isinstance(load_image_pipeline(ColaCaptionPipeline, tmp_path / "pipe"), ColaCaptionPipeline)
+
+
+# --------------------------------------------------------------------------- shipped artifacts
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(not (ROOT / "pipelines" / "shapes-autoencoder").is_dir(), reason="shapes autoencoder not shipped")
+def test_shipped_shapes_autoencoder_preserves_heldout_attributes():
+    from colabridge.data.shapes import make_examples, score
+    from colabridge.data.train_shapes_autoencoder import reconstruct
+
+    vae = AutoencoderKL.from_pretrained(ROOT / "pipelines" / "shapes-autoencoder").eval()
+    examples = make_examples(24, seed=99, split="heldout")
+    recon = reconstruct(vae, np.stack([e.image for e in examples]))
+    assert all(score(r, e.scene)["all"] for r, e in zip(recon, examples))
+
+
+@pytest.mark.skipif(not (ROOT / "adapters" / "shapes-image").is_dir(), reason="shapes image adapter not shipped")
+def test_shipped_image_bridge_loads_offline_and_generates():
+    from colabridge.image_cli import default_parts
+
+    pipe = ColaImagePriorPipeline.from_parts(*default_parts())
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a small red circle on the left", num_inference_steps=4, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+    text = ColaCaptionPipeline(**pipe.components)(image, num_inference_steps=4, max_new_tokens=8).texts[0]
+    assert isinstance(text, str)
