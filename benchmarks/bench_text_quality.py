@@ -6,7 +6,8 @@ settings (greedy token choice, CFG 7, official per-sample noise seeds). The real
 sentence's own continuation (rest + ``<|endoftext|>``). For each of real text, 16-step Euler, 6-step
 Euler and 6-step Heun it prints: generative perplexity under the AR baseline (tokens after the first
 end-of-text dropped, the end-of-text itself scored), unigram entropy, distinct-1/2, 4-gram repetition
-rate and mean length (statistics over content tokens, end-of-text excluded) — plus, for the small-scale
+rate and mean length (statistics over content tokens, end-of-text excluded; unigram entropy also at a
+common token count, since the plug-in estimate grows with corpus size) — plus, for the small-scale
 Cola-vs-AR comparison, the AR baseline's own top-p samples — then the issue's ratios:
 
 * gen-ppl ≤ 1.5 × real text's;
@@ -32,7 +33,7 @@ from colabridge.eval.ar_baseline import (
     prompt_continuations,
     word_start_ids,
 )
-from colabridge.eval.metrics import text_stats
+from colabridge.eval.metrics import text_stats, unigram_entropy
 
 CONFIGS = [("euler", 16), ("euler", 6), ("heun", 6)]
 
@@ -46,11 +47,29 @@ def content(ids, eos_id: int) -> list[int]:
     return [i for i in cut(ids, eos_id) if i != eos_id]
 
 
+def matched_entropy(seqs, n_tokens: int, draws: int = 20, seed: int = 0) -> float:
+    """Unigram entropy of ``n_tokens`` tokens drawn without replacement from the pooled ``seqs``, averaged
+    over ``draws`` draws: the plug-in entropy grows with corpus size, so corpora of different total
+    length (generated text is often shorter) are compared at the same size."""
+    import random
+
+    pool = [t for s in seqs for t in s]
+    if n_tokens >= len(pool):
+        return unigram_entropy([pool])
+    rng = random.Random(seed)
+    return sum(unigram_entropy([rng.sample(pool, n_tokens)]) for _ in range(draws)) / draws
+
+
+contents: list[list[list[int]]] = []  # content tokens of each row, in row order
+
+
 def row_stats(name: str, ar, prompts, conts, eos_id: int, extra: dict | None = None) -> dict:
     conts = [cut(c, eos_id) for c in conts]
-    stats = text_stats([content(c, eos_id) for c in conts])
+    body = [content(c, eos_id) for c in conts]
+    contents.append(body)
+    stats = text_stats(body)
     row = {"name": name, "gen_ppl": generative_perplexity(ar, conts, prompts, eos_id=eos_id), **stats,
-           "ended": sum(eos_id in c for c in conts) / len(conts)}
+           "ended": sum(eos_id in c for c in conts) / len(conts), "tokens": sum(len(b) for b in body)}
     row.update(extra or {})
     return row
 
@@ -123,11 +142,17 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(row_stats(name, ar, prompts, conts, eos_id, {"wall_s": time.time() - t0}))
         samples[name] = [pipe.tokenizer.decode(pr + cut(c, eos_id)) for pr, c in zip(prompts[: args.show], conts)]
 
-    print("\n| text | gen-ppl (AR) | unigram entropy | distinct-1 | distinct-2 | repetition-4 | mean length | ended | wall s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    # size-matched unigram entropy: every row at the smallest row's token count
+    n_match = min(r["tokens"] for r in rows)
+    for r, c in zip(rows, contents):
+        r["entropy_matched"] = matched_entropy(c, n_match)
+
+    print(f"\n| text | gen-ppl (AR) | unigram entropy | entropy @{n_match} tok | distinct-1 | distinct-2 | repetition-4 | "
+          "mean length | ended | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         wall = f"{r['wall_s']:.0f}" if "wall_s" in r else "–"
-        print(f"| {r['name']} | {r['gen_ppl']:.2f} | {r['unigram_entropy']:.3f} | {r['distinct_1']:.3f} | "
+        print(f"| {r['name']} | {r['gen_ppl']:.2f} | {r['unigram_entropy']:.3f} | {r['entropy_matched']:.3f} | {r['distinct_1']:.3f} | "
               f"{r['distinct_2']:.3f} | {r['repetition_4']:.3f} | {r['mean_length']:.1f} | {100 * r['ended']:.0f}% | {wall} |")
 
     real_row, gen = rows[0], {r["name"]: r for r in rows[1:] if not r["name"].startswith("AR ")}
@@ -136,9 +161,11 @@ def main(argv: list[str] | None = None) -> dict:
     for name, r in gen.items():
         ppl_ratio = r["gen_ppl"] / real_row["gen_ppl"]
         ent_dev = r["unigram_entropy"] / real_row["unigram_entropy"] - 1
-        ratios[name] = {"gen_ppl_ratio": ppl_ratio, "entropy_rel_diff": ent_dev}
+        ent_match = r["entropy_matched"] / real_row["entropy_matched"] - 1
+        ratios[name] = {"gen_ppl_ratio": ppl_ratio, "entropy_rel_diff": ent_dev, "entropy_matched_rel_diff": ent_match}
         print(f"  {name}: gen-ppl / real = {ppl_ratio:.2f} ({'PASS' if ppl_ratio <= 1.5 else 'FAIL'} ≤ 1.5); "
-              f"entropy vs real = {100 * ent_dev:+.1f}% ({'PASS' if abs(ent_dev) <= 0.10 else 'FAIL'} within ±10%)")
+              f"entropy vs real = {100 * ent_dev:+.1f}% ({'PASS' if abs(ent_dev) <= 0.10 else 'FAIL'} within ±10%), "
+              f"size-matched {100 * ent_match:+.1f}% ({'PASS' if abs(ent_match) <= 0.10 else 'FAIL'})")
     ref = next((r for n, r in gen.items() if n.startswith("euler 16 ")), None)
     six = [r for n, r in gen.items() if n.endswith(" 6 steps")]
     if ref and six:
