@@ -423,7 +423,7 @@ def tokenizer():
 
 
 def test_pipeline_accepts_matching_components(tokenizer):
-    pipe = ColaPipeline(make_vae(), make_dit(), FlowMatchEulerDiscreteScheduler(), tokenizer)
+    pipe = ColaPipeline(make_vae(vocab_size=len(tokenizer)), make_dit(), FlowMatchEulerDiscreteScheduler(), tokenizer)
     assert pipe.block_size == BLOCK
 
 
@@ -436,7 +436,7 @@ def test_pipeline_accepts_matching_components(tokenizer):
     ],
 )
 def test_pipeline_rejects_mismatched_components(tokenizer, vae_kw, dit_kw, pattern):
-    vae = ColaTextVAE(**{**VAE_BASE, **vae_kw})
+    vae = ColaTextVAE(**{**VAE_BASE, "vocab_size": len(tokenizer), **vae_kw})
     dit = ColaDiT(**{**DIT_BASE, **dit_kw})
     with pytest.raises(ValueError, match=pattern):
         ColaPipeline(vae, dit, FlowMatchEulerDiscreteScheduler(), tokenizer)
