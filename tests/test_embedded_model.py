@@ -37,3 +37,22 @@ def test_reconstructs_held_out_text(pipe):
     with torch.no_grad():
         rec = pipe.vae.decode(pipe.vae.encode(ids).mode()).argmax(-1)
     assert (rec == ids).float().mean() > 0.95
+
+
+def test_shipped_austen_adapter_loads_and_toggles(pipe):
+    from colabridge.paths import artifact_root
+    from colabridge.training.lora import load_adapter
+
+    dit = pipe.transformer
+    x, t = torch.randn(1, 4, dit.config.txt_in_channels, generator=torch.Generator().manual_seed(0)), torch.full((1, 4), 500.0)
+    with torch.no_grad():
+        base = dit(x, t).sample
+        load_adapter(dit, artifact_root() / "adapters" / "cola-tiny-en-austen-lora", adapter_name="austen")
+        try:
+            tuned = dit(x, t).sample
+            dit.disable_adapters()
+            restored = dit(x, t).sample
+        finally:
+            dit.delete_adapters("austen")
+    assert not torch.allclose(tuned, base)
+    torch.testing.assert_close(restored, base)
