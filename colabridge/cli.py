@@ -1,4 +1,4 @@
-"""``colabridge`` command line: generate, convert."""
+"""``colabridge`` command line: generate, convert, train, eval, imagine, caption."""
 
 from __future__ import annotations
 
