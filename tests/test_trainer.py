@@ -5,6 +5,9 @@ import json
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,9 +96,13 @@ def _ddp_worker(out):
 
 
 def test_two_process_ddp(tmp_path):
-    from accelerate import debug_launcher
-
-    debug_launcher(_ddp_worker, args=(tmp_path,), num_processes=2)
+    # a fresh interpreter: forking workers from a process whose OpenMP pool already ran (earlier tests)
+    # can deadlock them
+    code = (f"import sys, pathlib; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            "from accelerate import debug_launcher; from test_trainer import _ddp_worker; "
+            f"debug_launcher(_ddp_worker, args=(pathlib.Path({str(tmp_path)!r}),), num_processes=2)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
     ckpt = T.latest_checkpoint(tmp_path)
     assert ckpt.name == "checkpoint-2"
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(os.listdir(ckpt))
