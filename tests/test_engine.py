@@ -120,3 +120,17 @@ def test_bfloat16_runs_on_cpu(fixture_dir):
 def test_autocast_mode_runs(official_pipe):
     out = official_pipe(**CALL, autocast_dtype=torch.bfloat16)
     assert out.block_ids.shape == (3, 12) and torch.isfinite(out.latents).all()
+
+
+def test_cache_growth_keeps_history(official_pipe):
+    """A cache that must grow past its capacity gives the same outputs as a large one."""
+    from colabridge.models import KVCache
+
+    dit = official_pipe.transformer
+    x = torch.randn(2, 12, dit.config.txt_in_channels, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for capacity in (1, 256):
+        cache = KVCache(dit.config.num_layers, capacity)
+        outs.append(torch.cat([dit(x[:, i:i + 4], 0.0, kv_cache=cache, commit=True).sample for i in (0, 4, 8)], 1))
+        assert cache.length == 12 and cache.keys[0].shape[2] >= 12
+    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)

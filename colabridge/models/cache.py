@@ -31,12 +31,17 @@ class KVCache:
     def batch_size(self) -> int | None:
         return None if self.positions is None else self.positions.shape[0]
 
-    def _grow(self, buf: torch.Tensor, needed: int) -> torch.Tensor:
-        if buf.shape[2] >= needed:
+    def _fit(self, buf: torch.Tensor | None, like: torch.Tensor, needed: int, dim: int) -> torch.Tensor:
+        """``buf`` (time axis ``dim``) with room for ``needed`` columns: allocated like ``like`` if
+        missing, grown geometrically (keeping the committed columns) if too short."""
+        if buf is not None and buf.shape[dim] >= needed:
             return buf
-        new_cap = max(needed, 2 * buf.shape[2])
-        grown = buf.new_empty(*buf.shape[:2], new_cap, *buf.shape[3:])
-        grown[:, :, : self.length] = buf[:, :, : self.length]
+        old = 0 if buf is None else buf.shape[dim]
+        shape = list(like.shape)
+        shape[dim] = max(needed, self.capacity, 2 * old)
+        grown = like.new_zeros(shape)
+        if buf is not None:
+            grown.narrow(dim, 0, self.length).copy_(buf.narrow(dim, 0, self.length))
         return grown
 
     def check_batch(self, batch_size: int) -> None:
@@ -59,12 +64,8 @@ class KVCache:
     def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this call's ``k``/``v`` ``(B, H, L, hd)`` after the history; return history + new."""
         end = self.length + k.shape[2]
-        if self.keys[layer] is None:
-            shape = (*k.shape[:2], max(self.capacity, end), k.shape[3])
-            self.keys[layer] = k.new_empty(shape)
-            self.values[layer] = v.new_empty((*v.shape[:2], shape[2], v.shape[3]))
-        self.keys[layer] = self._grow(self.keys[layer], end)
-        self.values[layer] = self._grow(self.values[layer], end)
+        self.keys[layer] = self._fit(self.keys[layer], k, end, dim=2)
+        self.values[layer] = self._fit(self.values[layer], v, end, dim=2)
         self.keys[layer][:, :, self.length : end] = k
         self.values[layer][:, :, self.length : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
@@ -72,14 +73,8 @@ class KVCache:
     def commit(self, position_ids: torch.Tensor, valid: torch.Tensor) -> None:
         """Make the keys/values written by the last call part of the history."""
         end = self.length + position_ids.shape[1]
-        if self.positions is None:
-            cap = max(self.capacity, end)
-            self.positions = position_ids.new_zeros(position_ids.shape[0], cap)
-            self.valid = valid.new_zeros(valid.shape[0], cap)
-        if self.positions.shape[1] < end:
-            new_cap = max(end, 2 * self.positions.shape[1])
-            self.positions = torch.cat((self.positions, self.positions.new_zeros(self.positions.shape[0], new_cap - self.positions.shape[1])), 1)
-            self.valid = torch.cat((self.valid, self.valid.new_zeros(self.valid.shape[0], new_cap - self.valid.shape[1])), 1)
+        self.positions = self._fit(self.positions, position_ids, end, dim=1)
+        self.valid = self._fit(self.valid, valid, end, dim=1)
         self.positions[:, self.length : end] = position_ids
         self.valid[:, self.length : end] = valid
         self.length = end
