@@ -6,11 +6,13 @@ from colabridge.data.text import (
     SPECIAL_TOKENS,
     encode_texts,
     pack_sentences,
+    pad_rows,
     parse_wordnet_line,
     sentence_case,
     split_holdout,
     train_tokenizer,
 )
+from colabridge.pipelines.prompting import pad_to_blocks
 
 TEXTS = ["the cat sat on the mat", "a dog ran in the park", "the old house stood on the hill"] * 20
 
@@ -41,6 +43,18 @@ def test_pack_sentences_keeps_sentences_whole_and_pads():
     assert rows.tolist() == [[5, 6, 7, 0, 3, 3], [8, 9, 0, 3, 3, 3], [10, 11, 12, 13, 14, 0]]
     assert real.tolist()[0] == [True] * 4 + [False] * 2
     assert real.sum() == (rows != 3).sum()
+
+
+def test_pad_rows_right_pads_and_marks_real_tokens():
+    ids, real = pad_rows([[5, 6], [], [7, 8, 9]], width=4, pad_id=3)
+    assert ids.tolist() == [[5, 6, 3, 3], [3, 3, 3, 3], [7, 8, 9, 3]]
+    assert real.tolist() == [[True, True, False, False], [False] * 4, [True, True, True, False]]
+
+
+def test_pad_to_blocks_pads_within_blocks_as_input_and_batch_tail_as_masked():
+    ids, mask = pad_to_blocks([[5, 6, 7], [8], [9, 10, 11, 12, 13]], block_size=2, pad_id=3)
+    assert ids.tolist() == [[5, 6, 7, 3, 3, 3], [8, 3, 3, 3, 3, 3], [9, 10, 11, 12, 13, 3]]
+    assert mask.tolist() == [[True] * 4 + [False] * 2, [True] * 2 + [False] * 4, [True] * 6]
 
 
 def test_split_holdout_is_deterministic_and_disjoint():

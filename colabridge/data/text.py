@@ -6,7 +6,7 @@
 * :func:`train_tokenizer` — a byte-level BPE with ``tokenizers`` and the special tokens the pipeline
   expects (:data:`SPECIAL_TOKENS`).
 * :func:`pack_sentences` — each sentence followed by ``<|endoftext|>``, whole sentences greedily packed
-  into fixed-length rows, the rest padded with ``<|pad|>``.
+  into fixed-length rows, the rest padded with ``<|pad|>`` (:func:`pad_rows`, also used for prompts).
 """
 
 from __future__ import annotations
@@ -153,12 +153,21 @@ def pack_sentences(token_lists: Iterable[list[int]], seq_len: int, eos_id: int, 
         current = current + piece
     if current:
         rows.append(current)
-    out = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
-    real = torch.zeros(len(rows), seq_len, dtype=torch.bool)
+    return pad_rows(rows, seq_len, pad_id)
+
+
+def pad_rows(rows: list[list[int]], width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad each row of token ids to ``width`` with ``pad_id``; returns ``(ids, real)`` ``(N, width)``.
+
+    ``real`` is True on each row's own tokens and False on the padding. Shared by training-row packing
+    (:func:`pack_sentences`) and prompt batching (:func:`colabridge.pipelines.prompting.pad_to_blocks`).
+    """
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (N, width)
+    real = torch.zeros(len(rows), width, dtype=torch.bool)  # (N, width)
     for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         real[i, : len(row)] = True
-    return out, real
+    return ids, real
 
 
 def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..data.text import pad_rows
+
 
 @dataclass
 class PromptPlan:
@@ -33,13 +35,7 @@ def pad_to_blocks(ids: list[list[int]], block_size: int, pad_id: int) -> tuple[t
     """Pad each sample to a multiple of ``block_size`` with ``pad_id`` (these pads are encoder input),
     then right-pad the batch to its longest sample (masked out). Returns ``(input_ids, attention_mask)``."""
     padded = [seq + [pad_id] * (-len(seq) % block_size) for seq in ids]
-    width = max(len(seq) for seq in padded)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(ids), width, dtype=torch.bool)
-    for i, seq in enumerate(padded):
-        input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[i, : len(seq)] = True
-    return input_ids, mask
+    return pad_rows(padded, max(len(seq) for seq in padded), pad_id)
 
 
 def plan_prompts(latents: torch.Tensor | None, lengths: list[int], block_size: int, channels: int) -> PromptPlan:
