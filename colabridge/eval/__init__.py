@@ -1,5 +1,6 @@
-"""Benchmark evaluation helpers: official Cola DLM prompt templates, chat wrapping and scoring."""
+"""Benchmark evaluation: official Cola DLM prompt templates, chat wrapping, scoring and the 8-task protocol."""
 
+from .tasks import OFFICIAL_GENERATION, evaluate_tasks, load_task_records
 from .templates import (
     TASKS,
     apply_prompt_template,
@@ -11,9 +12,12 @@ from .templates import (
 )
 
 __all__ = [
+    "OFFICIAL_GENERATION",
     "TASKS",
     "apply_prompt_template",
+    "evaluate_tasks",
     "format_choices",
+    "load_task_records",
     "prompt_from_record",
     "score_answer",
     "truncate_generation",

@@ -1,4 +1,4 @@
-"""``colabridge eval``: held-out metrics of a Cola pipeline on a text corpus.
+"""``colabridge eval`` / ``colabridge eval heldout``: held-out metrics of a Cola pipeline on a text corpus.
 
 Reported (one JSON object):
 
@@ -85,9 +85,7 @@ def evaluate_pipeline(pipe, texts: list[str], seq_len: int = 64, num_prompts: in
     return result
 
 
-def add_eval_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``colabridge eval`` on a ``colabridge`` argparse ``subparsers`` object."""
-    p = subparsers.add_parser("eval", help="held-out reconstruction, flow-matching loss and generated-text statistics")
+def _add_heldout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="pipeline folder; default: the embedded model")
     p.add_argument("--data", default="wordnet", help="'wordnet' (its 2%% hold-out split) or a text file, one sentence a line")
     p.add_argument("--holdout-fraction", type=float, default=0.02, help="hold-out share used at training time (wordnet)")
@@ -99,6 +97,23 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of noise and metrics")
     p.add_argument("--output", help="also write the JSON result here")
     p.set_defaults(func=cmd_eval)
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``colabridge eval [heldout|tasks]`` on a ``colabridge`` argparse ``subparsers`` object.
+
+    A bare ``colabridge eval [options]`` runs ``heldout`` (the held-out metrics), as before the
+    sub-commands existed.
+    """
+    from .tasks_cli import add_tasks_parser
+
+    help_text = "held-out metrics (default, or 'heldout') or the official 8-task benchmark ('tasks')"
+    p = subparsers.add_parser("eval", help=help_text, description=help_text)
+    _add_heldout_args(p)
+    modes = p.add_subparsers(dest="eval_command", metavar="{heldout,tasks}")
+    _add_heldout_args(modes.add_parser("heldout", help="held-out reconstruction, flow-matching loss and "
+                                                       "generated-text statistics (the default)"))
+    add_tasks_parser(modes)
     return p
 
 
