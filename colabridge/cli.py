@@ -34,6 +34,11 @@ def cmd_generate(args) -> None:
 
     pipe = ColaPipeline.from_pretrained(args.model or default_text_model())
     pipe.set_progress_bar_config(disable=True)
+    if args.lora:
+        pipe.load_lora_weights(args.lora)
+        pipe.fuse_lora(lora_scale=args.lora_scale)
+    elif args.lora_scale != 1.0:
+        raise SystemExit("colabridge generate: --lora-scale needs --lora PATH")
     prompts, ids = _prompts(args)
     generator = torch.Generator().manual_seed(args.seed)
     stream = pipe.stream(prompts, max_new_tokens=args.max_new_tokens, num_inference_steps=args.steps,
@@ -80,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--seed", type=int, default=0, help="seed of the generator (noise and sampling)")
     gen.add_argument("--noise-seed", type=int, default=None, help="official per-sample noise seed")
+    gen.add_argument("--lora", help="PEFT LoRA adapter folder for the DiT (e.g. adapters/cola-tiny-en-austen-lora)")
+    gen.add_argument("--lora-scale", type=float, default=1.0, help="strength of --lora (fused into the weights)")
     gen.set_defaults(func=cmd_generate)
 
     conv = sub.add_parser("convert", help="convert between the official release layout and the diffusers layout")

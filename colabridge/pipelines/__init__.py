@@ -1,8 +1,9 @@
 """Thin ``DiffusionPipeline`` front-ends over the shared engine."""
 
+from .lora_mixin import ColaLoraLoaderMixin
 from .pipeline_cola import ColaPipeline, ColaPipelineOutput, ColaStreamChunk, load_tokenizer
 
-__all__ = ["ColaPipeline", "ColaPipelineOutput", "ColaStreamChunk", "load_tokenizer"]
+__all__ = ["ColaLoraLoaderMixin", "ColaPipeline", "ColaPipelineOutput", "ColaStreamChunk", "load_tokenizer"]
 from .pipeline_image import (  # noqa: E402  (image bridge: text → image prior, image → caption)
     ColaCaptionPipeline, ColaCaptionPipelineOutput, ColaImagePipelineOutput, ColaImagePriorPipeline,
 )

@@ -22,6 +22,7 @@ from ..models import ColaDiT, ColaTextVAE
 from ..sampling.engine import CachedStream, guided_velocity, packed_guided_velocity, round_to, transport_block
 from ..sampling.solvers import Solver, get_solver
 from ..sampling.tokens import select_tokens
+from .lora_mixin import ColaLoraLoaderMixin
 from .prompting import PromptPlan, pad_to_blocks, plan_prompts
 
 OUTPUT_TYPES = ("text", "ids", "latent")
@@ -96,11 +97,12 @@ class _Run:
     device: torch.device
 
 
-class ColaPipeline(DiffusionPipeline):
+class ColaPipeline(DiffusionPipeline, ColaLoraLoaderMixin):
     r"""Block-wise latent text generation with a Cola text VAE and block-causal DiT prior.
 
     Components: ``vae`` (:class:`ColaTextVAE`), ``transformer`` (:class:`ColaDiT`), ``scheduler``
     (``FlowMatchEulerDiscreteScheduler``, used with explicit sigmas) and ``tokenizer`` (a fast tokenizer).
+    LoRA adapters on the ``transformer``: :class:`ColaLoraLoaderMixin` (``load_lora_weights``, ``fuse_lora`` …).
     """
 
     model_cpu_offload_seq = "vae->transformer"

@@ -69,10 +69,10 @@ def load_adapter(transformer, folder: str | os.PathLike, adapter_name: str = "de
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder}: missing {name} (expected a PEFT adapter folder).")
+    check_adapter_folder(folder)
     raw = json.loads((folder / ADAPTER_CONFIG).read_text())
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{folder}: peft_type={raw['peft_type']!r}; only LoRA adapters (peft_type 'LORA') are supported.")
     fields = LoraConfig.__dataclass_fields__
     config = LoraConfig(**{k: v for k, v in raw.items() if k in fields and k not in ("peft_type", "task_type")})
     state = load_file(str(folder / ADAPTER_WEIGHTS))
@@ -82,10 +82,23 @@ def load_adapter(transformer, folder: str | os.PathLike, adapter_name: str = "de
     if len(unexpected) == len(state):
         transformer.delete_adapters(adapter_name)
         raise ValueError(f"{folder}: none of the {len(state)} adapter keys match this transformer "
-                         f"(e.g. {unexpected[:2]}); the adapter was trained for another base model.")
+                         f"(e.g. {unexpected[:2]}); the adapter was trained for another base model. Load it "
+                         "into the model named in its card, or train one for this model (`colabridge train lora`).")
     if unexpected:
         warnings.warn(f"{folder}: {len(unexpected)} adapter keys did not match and were ignored: {unexpected[:3]}")
     transformer.requires_grad_(False)
+
+
+def check_adapter_folder(folder: Path) -> None:
+    """Raise ``FileNotFoundError`` naming ``folder`` and the fix unless it is a PEFT LoRA folder."""
+    fix = ("pass a folder written by save_adapter() / pipe.save_lora_weights() or `colabridge train lora` "
+           f"({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}).")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such adapter folder; {fix}")
+    missing = [name for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (folder / name).is_file()]
+    if missing:
+        found = sorted(p.name for p in folder.iterdir())[:5]
+        raise FileNotFoundError(f"{folder}: not a PEFT adapter folder (missing {', '.join(missing)}; found {found}); {fix}")
 
 
 def lora_parameters(transformer) -> dict[str, torch.Tensor]:
