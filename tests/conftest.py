@@ -29,3 +29,26 @@ def official_pipe():
     pipe = ColaPipeline.from_pretrained(FIXTURE)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+class SimulatedCrash(Exception):
+    """Raised by :func:`crash_after_checkpoint` in place of a kill."""
+
+
+@pytest.fixture()
+def crash_after_checkpoint(monkeypatch):
+    """``crash_after_checkpoint(module, step)``: ``module.save_checkpoint`` raises :class:`SimulatedCrash`
+    right after writing checkpoint ``step``; returns a function that restores it (for the resumed run)."""
+
+    def install(module, step: int):
+        original = module.save_checkpoint
+
+        def save_then_crash(accelerator, output_dir, at_step, **kw):
+            original(accelerator, output_dir, at_step, **kw)
+            if at_step == step:
+                raise SimulatedCrash(f"simulated kill after checkpoint-{step}")
+
+        monkeypatch.setattr(module, "save_checkpoint", save_then_crash)
+        return lambda: monkeypatch.setattr(module, "save_checkpoint", original)
+
+    return install

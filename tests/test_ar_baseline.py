@@ -94,3 +94,44 @@ def test_prompts_stop_at_word_boundaries():
     assert prompts[0] == [5, 6, 8]
     assert prompts[1] == [5, 6, 9, 7]  # no boundary within 3..4: falls back to prompt_len
     assert conts[0] == [9, 7, 8, 9, 8, 9, EOS]
+
+
+# --------------------------------------------------------------------------- training script
+
+SENTENCES = ["the cat sat on the mat", "a dog ran in the park", "the old house stood on the hill",
+             "birds sing in the morning", "she reads a book by the fire", "rain fell on the quiet town"] * 6
+
+
+def _ar_config(tmp_path, run):
+    from colabridge.data.text import train_tokenizer
+    from colabridge.eval.ar_baseline import ARTrainConfig
+
+    (tmp_path / "sentences.txt").write_text("\n".join(SENTENCES) + "\n")
+    train_tokenizer(SENTENCES, vocab_size=300, min_frequency=1).save(str(tmp_path / "tokenizer.json"))
+    return ARTrainConfig(tokenizer=str(tmp_path / "tokenizer.json"), source=str(tmp_path / "sentences.txt"),
+                         holdout_fraction=0.2, seq_len=16, n_embd=16, n_layer=1, n_head=2, n_positions=16,
+                         batch_size=2, max_steps=4, warmup_steps=2, save_every=1, log_every=1, eval_rows=4,
+                         output=str(tmp_path / run / "out"), run_dir=str(tmp_path / run / "run"), save_dtype="float32")
+
+
+def test_training_resumes_exactly(tmp_path, crash_after_checkpoint):
+    """4 steps in one go == 2 steps, a crash right after checkpoint-2, then a resume: same losses, same weights."""
+    from safetensors.torch import load_file
+
+    from colabridge.eval import ar_baseline as A
+
+    full = A.train_ar_baseline(_ar_config(tmp_path, "full"))
+    restore = crash_after_checkpoint(A, 2)
+    with pytest.raises(Exception, match="simulated kill"):
+        A.train_ar_baseline(_ar_config(tmp_path, "split"))
+    restore()
+    split = A.train_ar_baseline(_ar_config(tmp_path, "split"))
+
+    def losses(run):  # step, loss, lr (elapsed time differs)
+        return [line.split(",")[:3] for line in (tmp_path / run / "run" / "losses.csv").read_text().splitlines()]
+
+    assert losses("split") == losses("full") and len(losses("full")) == 5
+    assert split["heldout_loss"] == full["heldout_loss"] and split["steps"] == full["steps"] == 4
+    a, b = (load_file(str(tmp_path / run / "out" / "model.safetensors")) for run in ("full", "split"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [p.name for p in (tmp_path / "full" / "run" / "checkpoints").iterdir()] == ["checkpoint-4"]

@@ -1,6 +1,7 @@
 """The procedural shapes world: sampling, rendering, captions and the exact attribute readers."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -124,3 +125,34 @@ def test_parse_caption_paraphrases_and_unknown_words():
     assert parsed["relation"] == "left of"
     assert parse_caption("In the middle, a little green triangle.")["position"] == "center"
     assert parse_caption("a zorblax wibble") == {"objects": [], "position": None, "relation": None}
+
+
+# --------------------------------------------------------------------------- autoencoder training script
+
+AE_ARGS = ["--steps", "4", "--batch-size", "2", "--block-out-channels", "16", "--latent-channels", "2",
+           "--warmup", "2", "--log-every", "1", "--checkpoint-every", "1", "--eval-every", "100", "--eval-num", "2"]
+
+
+def test_autoencoder_script_resumes_exactly(tmp_path, crash_after_checkpoint):
+    """4 steps in one go == 2 steps, a crash right after checkpoint-2, then a resume: same log, same weights."""
+    from safetensors.torch import load_file
+
+    from colabridge.data import train_shapes_autoencoder as S
+
+    S.main(["--out", str(tmp_path / "full")] + AE_ARGS)
+    restore = crash_after_checkpoint(S, 2)
+    with pytest.raises(Exception, match="simulated kill"):
+        S.main(["--out", str(tmp_path / "split")] + AE_ARGS)
+    restore()
+    S.main(["--out", str(tmp_path / "split")] + AE_ARGS)
+
+    def columns(run):  # step, lr, mse, kl (elapsed time differs)
+        return [line.split(",")[:1] + line.split(",")[2:] for line in (tmp_path / run / "log.csv").read_text().splitlines()]
+
+    assert columns("split") == columns("full") and len(columns("full")) == 4
+    full, split = S.latest_checkpoint(tmp_path / "full"), S.latest_checkpoint(tmp_path / "split")
+    assert full.name == split.name == "checkpoint-4" and len(list(full.parent.iterdir())) == 1
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(split / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    S.main(["--out", str(tmp_path / "full"), "--export", str(tmp_path / "export"), "--eval-num", "2"])
+    assert json.loads((tmp_path / "export" / "metrics.json").read_text())["step"] == 4

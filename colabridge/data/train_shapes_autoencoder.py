@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -25,10 +24,13 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
+from ..training.checkpointing import (
+    GeneratorState, checkpoint_dir, latest_checkpoint, load_latest_checkpoint, load_model_weights, read_state,
+    save_checkpoint,
+)
 from .shapes import make_examples, score
 
 IMAGE_SIZE = 32
-CHECKPOINT = "checkpoint.pt"
 
 
 def build_autoencoder(block_out_channels=(32, 64), latent_channels: int = 4, layers_per_block: int = 1,
@@ -97,40 +99,47 @@ def latent_stats(vae: AutoencoderKL, num: int = 1000, seed: int = 4321) -> tuple
     return float(latents.mean()), float(1.0 / latents.std())
 
 
-def save_checkpoint(path: Path, vae, optimizer, step: int, elapsed: float) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "elapsed": elapsed, "config": dict(vae.config)}, tmp)
-    os.replace(tmp, path)  # atomic: a kill mid-save leaves the previous checkpoint
+def learning_rate(args, step: int) -> float:
+    """Cosine decay after a short warm-up; derived from the step so resume is exact. A Python float: the
+    optimizer state (where the LR lives) is reloaded with ``torch.load(weights_only=True)``."""
+    warm = min(1.0, (step + 1) / args.warmup)
+    return float(args.lr * warm * 0.5 * (1 + np.cos(np.pi * step / args.steps)))
+
+
+def prepare_run(args, out: Path):
+    """Model, optimizer and noise generator behind an ``Accelerator``; resumed from the latest checkpoint
+    of ``out`` when there is one. Returns ``(accelerator, vae, optimizer, generator, step, elapsed)``."""
+    from accelerate import Accelerator
+
+    torch.manual_seed(args.seed)
+    vae = build_autoencoder(args.block_out_channels, args.latent_channels, args.layers_per_block)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(args.seed)
+    accelerator = Accelerator(cpu=True)
+    vae, optimizer = accelerator.prepare(vae, optimizer)
+    accelerator.register_for_checkpointing(GeneratorState(generator))  # posterior noise resumes mid-stream
+    state = load_latest_checkpoint(accelerator, out)
+    if state is None:
+        return accelerator, vae, optimizer, generator, 0, 0.0
+    print(f"resumed at step {state['step']}", flush=True)
+    return accelerator, vae, optimizer, generator, state["step"], state["elapsed"]
 
 
 def train(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
-    vae = build_autoencoder(args.block_out_channels, args.latent_channels, args.layers_per_block)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
-    step, elapsed = 0, 0.0
-    if (out / CHECKPOINT).is_file():
-        state = torch.load(out / CHECKPOINT, weights_only=False)
-        vae.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, elapsed = state["step"], state["elapsed"]
-        print(f"resumed at step {step}", flush=True)
-    generator = torch.Generator().manual_seed(args.seed + step)
+    accelerator, vae, optimizer, generator, step, elapsed = prepare_run(args, out)
     log = open(out / "log.csv", "a")
     start = time.time() - elapsed
     vae.train()
     while step < args.steps:
-        # cosine decay after a short warm-up; derived from the step so resume is exact
-        warm = min(1.0, (step + 1) / args.warmup)
-        lr = args.lr * warm * 0.5 * (1 + np.cos(np.pi * step / args.steps))
+        lr = learning_rate(args, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss, stats = loss_fn(vae, batch(step, args.batch_size, args.seed), args.kl_weight, generator)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
         step += 1
         if step % args.log_every == 0:
@@ -138,26 +147,39 @@ def train(args) -> None:
             log.flush()
             print(f"step {step} t={time.time() - start:.0f}s mse={stats['mse']:.5f} kl={stats['kl']:.3f}", flush=True)
         if step % args.checkpoint_every == 0 or step == args.steps:
-            save_checkpoint(out / CHECKPOINT, vae, optimizer, step, time.time() - start)
+            extra = {"elapsed": time.time() - start, "config": dict(vae.config)}
+            save_checkpoint(accelerator, out, step, keep=1, extra=extra)
         if step % args.eval_every == 0 or step == args.steps:
-            vae.eval()
-            metric = attribute_preservation(vae, args.eval_num)
-            vae.train()
-            print(f"step {step} heldout preservation {json.dumps(metric)}", flush=True)
-            with open(out / "eval.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, **metric}) + "\n")
+            evaluate(vae, args.eval_num, step, out)
+
+
+def evaluate(vae: AutoencoderKL, num: int, step: int, out: Path) -> None:
+    """Held-out attribute preservation, printed and appended to ``out/eval.jsonl``."""
+    vae.eval()
+    metric = attribute_preservation(vae, num)
+    vae.train()
+    print(f"step {step} heldout preservation {json.dumps(metric)}", flush=True)
+    with open(out / "eval.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, **metric}) + "\n")
+
+
+def load_checkpoint_model(out: Path) -> tuple[AutoencoderKL, dict]:
+    """The autoencoder of the latest checkpoint under ``out`` (eval mode) and the checkpoint's state."""
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is None:
+        raise FileNotFoundError(f"no complete checkpoint under {checkpoint_dir(out)}; train with --out {out} first.")
+    state = read_state(checkpoint)
+    vae = AutoencoderKL.from_config(state["config"])
+    vae.load_state_dict(load_model_weights(checkpoint))
+    return vae.eval(), state
 
 
 def export(args) -> None:
     """Checkpoint → diffusers folder (fp16 weights, latent shift/scale measured) + ``metrics.json``
     (attribute preservation of the fp32 model and of the fp16 weights, held-out and train scenes)."""
-    state = torch.load(Path(args.out) / CHECKPOINT, weights_only=False)
-    vae = AutoencoderKL.from_config(state["config"])
-    vae.load_state_dict(state["model"])
-    vae.eval()
+    vae, state = load_checkpoint_model(Path(args.out))
     fp32 = attribute_preservation(vae, args.eval_num)
-    vae16 = AutoencoderKL.from_config(state["config"])
-    vae16.load_state_dict(state["model"])
+    vae16 = load_checkpoint_model(Path(args.out))[0]
     vae16 = vae16.to(torch.float16).to(torch.float32).eval()  # what a user gets loading the fp16 file in fp32
     fp16 = attribute_preservation(vae16, args.eval_num)
     train_split = attribute_preservation(vae16, args.eval_num, split="train", seed=777)
@@ -173,7 +195,7 @@ def export(args) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="run folder (checkpoint, log.csv, eval.jsonl); resumes if present")
+    p.add_argument("--out", required=True, help="run folder (checkpoints/, log.csv, eval.jsonl); resumes from its latest checkpoint")
     p.add_argument("--steps", type=int, default=4000, help="total optimiser steps")
     p.add_argument("--batch-size", type=int, default=32, help="images per step (fresh train-split scenes)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
@@ -189,7 +211,7 @@ def main(argv=None) -> None:
     p.add_argument("--eval-every", type=int, default=1000, help="steps between held-out evaluations")
     p.add_argument("--eval-num", type=int, default=500, help="held-out scenes per evaluation")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--export", default=None, help="write the checkpoint as a diffusers folder here instead of training")
+    p.add_argument("--export", default=None, help="write the latest checkpoint as a diffusers folder here instead of training")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     export(args) if args.export else train(args)

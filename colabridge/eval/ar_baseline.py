@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +33,8 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from ..training.checkpointing import checkpoint_dir, load_latest_checkpoint, save_checkpoint
 
 DEFAULT_TOKENIZER = "runs/cola-tiny-en-vae/tokenizer.json"
 DEFAULT_OUTPUT = "pipelines/ar-baseline-tiny-en"
@@ -273,7 +276,7 @@ def heldout_loss(model, ids: torch.Tensor, labels: torch.Tensor, batch_size: int
 
 def train_ar_baseline(cfg: ARTrainConfig, resume: bool = True) -> dict:
     """Train the baseline with accelerate (AdamW, warmup + cosine, fixed seed), checkpoint to
-    ``run_dir/checkpoint.pt`` every ``save_every`` steps (resumed when present), log to
+    ``run_dir/checkpoints/`` every ``save_every`` steps (the latest is resumed when present), log to
     ``run_dir/losses.csv``, then ``save_pretrained`` (safetensors) + tokenizer + README to ``output``."""
     from accelerate import Accelerator
     from tokenizers import Tokenizer
@@ -304,25 +307,19 @@ def train_ar_baseline(cfg: ARTrainConfig, resume: bool = True) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lambda(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    ckpt, step, elapsed = run_dir / "checkpoint.pt", 0, 0.0
-    if resume and ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)
-        accelerator.unwrap_model(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+    step, elapsed = 0, 0.0
+    if not resume:
+        shutil.rmtree(checkpoint_dir(run_dir), ignore_errors=True)  # a stale later step would outrank ours
+    state = load_latest_checkpoint(accelerator, run_dir) if resume else None
+    if state is not None:
         step, elapsed = state["step"], state["elapsed"]
-        torch.set_rng_state(state["rng"])
         print(f"[ar] resumed at step {step}", flush=True)
     csv = run_dir / "losses.csv"
     if step == 0:
         csv.write_text("step,loss,lr,elapsed_s\n")
 
     def save(step: int) -> None:
-        state = {"model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "step": step, "elapsed": elapsed, "rng": torch.get_rng_state()}
-        tmp = ckpt.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, ckpt)
+        save_checkpoint(accelerator, run_dir, step, keep=1, extra={"elapsed": elapsed})
 
     model.train()
     t0, running = time.time() - elapsed, []

@@ -6,9 +6,9 @@ accumulation; the model handed to ``accelerator.prepare`` is an :class:`Objectiv
 
 Exact resume. The data order is a pure function of ``(seed, micro-step)`` (:class:`BatchPlan`), the
 random streams (posterior noise, timesteps, z1) use the global RNGs that ``save_state`` stores per
-process, and checkpoints are written to a temporary folder then renamed (``checkpoint-<step>``), so a
-run killed at any moment resumes from its last complete checkpoint and reproduces the losses of an
-uninterrupted run.
+process, and checkpoints are written to a temporary folder then renamed (``checkpoint-<step>``,
+:mod:`.checkpointing`), so a run killed at any moment resumes from its last complete checkpoint and
+reproduces the losses of an uninterrupted run.
 
 Outputs under ``output_dir``: ``tokenizer.json``, ``losses.csv`` + ``losses.png``, ``eval.jsonl``,
 ``checkpoints/checkpoint-<step>/``, and at the end ``vae/`` (+ ``transformer/`` and ``pipeline/``
@@ -22,7 +22,6 @@ import csv
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,12 +31,12 @@ import torch.nn as nn
 
 from ..models import ColaDiT, ColaTextVAE
 from . import losses as L
+from .checkpointing import (
+    checkpoint_dir, latest_checkpoint, load_latest_checkpoint, load_model_weights, save_checkpoint,
+)
 from .curves import plot_losses
 
 STAGES = ("vae", "joint", "lora")
-CHECKPOINT_PREFIX = "checkpoint-"
-TMP_PREFIX = ".tmp-"
-STATE_FILE = "trainer_state.json"
 EPOCH_SEED_STRIDE = 100_003  # permutation seed of epoch e: seed·stride + e (distinct across seeds and epochs)
 EVAL_BATCH = 64  # rows per forward pass in evaluation and latent statistics
 STAT_ROWS = 1024  # training rows used to estimate the latent shift/scale
@@ -316,41 +315,6 @@ def lr_lambda(cfg: OptimConfig, max_steps: int):
     return f
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_dir(output_dir: Path) -> Path:
-    return Path(output_dir) / "checkpoints"
-
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The complete ``checkpoint-<step>`` with the highest step (temporary folders are ignored)."""
-    root = checkpoint_dir(output_dir)
-    done = [p for p in root.glob(CHECKPOINT_PREFIX + "*") if (p / STATE_FILE).is_file()] if root.is_dir() else []
-    return max(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
-
-
-def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int) -> Path:
-    """``save_state`` into a temporary folder, then an atomic rename to ``checkpoint-<step>``."""
-    root = checkpoint_dir(output_dir)
-    final, tmp = root / f"{CHECKPOINT_PREFIX}{step}", root / f"{TMP_PREFIX}{CHECKPOINT_PREFIX}{step}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)  # before the other ranks write their RNG states into it
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step}))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        done = sorted(root.glob(CHECKPOINT_PREFIX + "*"), key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-        for old in done[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
 # --------------------------------------------------------------------------- logging
 
 
@@ -451,11 +415,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = Non
     model, optimizer = accelerator.prepare(objective, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     set_seed(cfg.seed + accelerator.process_index)  # per-rank noise streams
-    step = 0
-    ckpt = latest_checkpoint(out) if resume else None
-    if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        step = json.loads((ckpt / STATE_FILE).read_text())["step"]
+    state = load_latest_checkpoint(accelerator, out) if resume else None
+    step = state["step"] if state else 0
     plan = BatchPlan(len(train_rows), cfg.batch_size, accelerator.num_processes, accelerator.process_index, cfg.seed)
     log = LossLog(out / "losses.csv", accelerator.is_main_process, step)
     last = cfg.max_steps if stop_at_step is None else min(cfg.max_steps, stop_at_step)
@@ -558,7 +519,6 @@ def export_checkpoint(cfg: TrainConfig, folder: str | os.PathLike, checkpoint: s
     """Rebuild the run's models, load a checkpoint's weights (default: the latest) and save them as
     ``vae/`` (Stage 1) or a pipeline folder (Stage 2) under ``folder``, while training may go on."""
     from accelerate import Accelerator
-    from safetensors.torch import load_file
 
     out = Path(cfg.output_dir)
     ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(out)
@@ -566,7 +526,7 @@ def export_checkpoint(cfg: TrainConfig, folder: str | os.PathLike, checkpoint: s
         raise FileNotFoundError(f"no complete checkpoint under {checkpoint_dir(out)}")
     tokenizer, train_rows, _ = prepare_data(cfg.data, out, Accelerator(cpu=True))
     objective = build_objective(cfg, tokenizer.get_vocab_size(), train_rows)
-    objective.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+    objective.load_state_dict(load_model_weights(ckpt))
     folder = Path(folder)
     if cfg.stage == "lora":
         from .lora import save_adapter
