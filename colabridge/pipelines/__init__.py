@@ -9,3 +9,6 @@ from .pipeline_image import (  # noqa: E402  (image bridge: text → image prior
 )
 
 __all__ += ["ColaCaptionPipeline", "ColaCaptionPipelineOutput", "ColaImagePipelineOutput", "ColaImagePriorPipeline"]
+from .pipeline_clip_prior import ColaClipPriorPipeline, ColaClipPriorPipelineOutput  # noqa: E402  (text → CLIP embedding prior)
+
+__all__ += ["ColaClipPriorPipeline", "ColaClipPriorPipelineOutput"]

@@ -109,13 +109,61 @@ def encode_captions(vae: ColaTextVAE, tokenizer, texts: list[str], block_size: i
     follow an image). Shared by the pipelines and adapter training so both see the same layout.
     """
     ids = [list(x) for x in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
-    input_ids, mask = pad_to_blocks(ids, block_size, pad_token_id)
     device = vae.device
+    if not any(ids):  # only "" texts: one all-invalid block (an empty history), since the VAE needs >= 1 token
+        return (torch.zeros(len(ids), block_size, vae.config.latent_dim, device=device),
+                torch.zeros(len(ids), block_size, dtype=torch.bool, device=device))
+    input_ids, mask = pad_to_blocks(ids, block_size, pad_token_id)
     latents = vae.normalize(vae.encode(input_ids.to(device), mask.to(device)).mode().float())  # (B, L, C)
     return left_align(latents, mask.to(device)) if left else (latents, mask.to(device))
 
 
-class _ImageBridgePipeline(DiffusionPipeline):
+class PriorSamplingMixin:
+    """Input checks, prior history streams and guided block transport shared by the pipelines that sample a
+    block of an adapter's modality through the shared engine (needs ``self.prior``, ``self.transformer``,
+    ``self.scheduler`` and ``self._execution_device``)."""
+
+    @staticmethod
+    def check_sampling(num_inference_steps, guidance_scale, output_type, output_types) -> None:
+        checks = [
+            (isinstance(num_inference_steps, int) and not isinstance(num_inference_steps, bool)
+             and num_inference_steps >= 1, f"`num_inference_steps` must be an int >= 1, got {num_inference_steps!r}."),
+            (isinstance(guidance_scale, (int, float)) and np.isfinite(guidance_scale) and guidance_scale >= 0,
+             f"`guidance_scale` must be a finite number >= 0 (1 disables guidance), got {guidance_scale!r}."),
+            (output_type in output_types, f"`output_type` must be one of {output_types}, got {output_type!r}."),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def new_stream(self, modality: str, batch_size: int) -> CachedStream:
+        """An empty prior history whose blocks default to ``modality`` (prefills may pass another)."""
+        device = self._execution_device
+        return CachedStream(self.prior.for_modality(modality), self.transformer.new_cache(), batch_size, device,
+                            self.transformer.dtype)
+
+    def prompt_history(self, modality: str, prompt_latents: torch.Tensor, valid: torch.Tensor) -> CachedStream:
+        """Prior history with the prompt latents ``(B, L, C)`` committed at timestep 0; later queries are blocks
+        of ``modality``. ``""`` prompts (no valid token) leave an empty history: their block is unconditional."""
+        history = self.new_stream(modality, prompt_latents.shape[0])
+        if valid.any():
+            history.prefill(prompt_latents, valid, torch.zeros(valid.shape, device=valid.device), modality=TEXT)
+        return history
+
+    def transport(self, history: CachedStream, noise: torch.Tensor, guidance_scale: float, solver: str,
+                  num_inference_steps: int, packed_cfg: bool) -> torch.Tensor:
+        """Transport one block ``(B, L, C)`` from noise with history-vs-alone CFG (the shared engine)."""
+        method = get_solver(solver)
+        scheduler = self.scheduler if isinstance(self.scheduler, method.scheduler_class) else method.make_scheduler()
+        scale = torch.full((noise.shape[0],), float(guidance_scale), device=noise.device)
+        if packed_cfg:
+            velocity = packed_guided_velocity(history.model, history, scale, noise.shape[1])
+        else:
+            velocity = guided_velocity(history.model, history, scale)
+        return transport_block(velocity, noise, scheduler, method.schedule(num_inference_steps))
+
+
+class _ImageBridgePipeline(PriorSamplingMixin, DiffusionPipeline):
     """Components, loading, checks and history streams shared by the text → image and image → text pipelines."""
 
     model_cpu_offload_seq = "vae->transformer->autoencoder"
@@ -179,39 +227,6 @@ class _ImageBridgePipeline(DiffusionPipeline):
     def image_size(self) -> int:
         return self.space.sample_size
 
-    # ------------------------------------------------------------------ shared steps
-    @staticmethod
-    def check_sampling(num_inference_steps, guidance_scale, output_type, output_types) -> None:
-        checks = [
-            (isinstance(num_inference_steps, int) and not isinstance(num_inference_steps, bool)
-             and num_inference_steps >= 1, f"`num_inference_steps` must be an int >= 1, got {num_inference_steps!r}."),
-            (isinstance(guidance_scale, (int, float)) and np.isfinite(guidance_scale) and guidance_scale >= 0,
-             f"`guidance_scale` must be a finite number >= 0 (1 disables guidance), got {guidance_scale!r}."),
-            (output_type in output_types, f"`output_type` must be one of {output_types}, got {output_type!r}."),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-
-    def new_stream(self, modality: str, batch_size: int) -> CachedStream:
-        """An empty prior history whose blocks default to ``modality`` (prefills may pass another)."""
-        device = self._execution_device
-        return CachedStream(self.prior.for_modality(modality), self.transformer.new_cache(), batch_size, device,
-                            self.transformer.dtype)
-
-    def transport(self, history: CachedStream, noise: torch.Tensor, guidance_scale: float, solver: str,
-                  num_inference_steps: int, packed_cfg: bool) -> torch.Tensor:
-        """Transport one block ``(B, L, C)`` from noise with history-vs-alone CFG (the shared engine)."""
-        method = get_solver(solver)
-        scheduler = self.scheduler if isinstance(self.scheduler, method.scheduler_class) else method.make_scheduler()
-        scale = torch.full((noise.shape[0],), float(guidance_scale), device=noise.device)
-        if packed_cfg:
-            velocity = packed_guided_velocity(history.model, history, scale, noise.shape[1])
-        else:
-            velocity = guided_velocity(history.model, history, scale)
-        return transport_block(velocity, noise, scheduler, method.schedule(num_inference_steps))
-
-
 class ColaImagePriorPipeline(_ImageBridgePipeline):
     r"""Prompt → image: a text-conditioned image prior on the Cola DiT, decoded by a diffusers ``AutoencoderKL``.
 
@@ -244,10 +259,7 @@ class ColaImagePriorPipeline(_ImageBridgePipeline):
 
     def prepare_history(self, prompt_latents: torch.Tensor, valid: torch.Tensor) -> CachedStream:
         """Prior history with the prompt committed at timestep 0; later queries are image blocks."""
-        history = self.new_stream(IMAGE, prompt_latents.shape[0])
-        if valid.any():  # "" prompts leave an empty history: the image is then unconditional
-            history.prefill(prompt_latents, valid, torch.zeros(valid.shape, device=valid.device), modality=TEXT)
-        return history
+        return self.prompt_history(IMAGE, prompt_latents, valid)
 
     def prepare_latents(self, batch_size: int, generator, latents: torch.Tensor | None) -> torch.Tensor:
         """Initial noise ``(B, N, d)`` of the image block (or the user's ``latents``)."""
@@ -473,4 +485,4 @@ def load_image_pipeline(cls, model: str | os.PathLike, adapter: str | os.PathLik
 
 
 __all__ = ["ColaCaptionPipeline", "ColaCaptionPipelineOutput", "ColaImagePipelineOutput", "ColaImagePriorPipeline",
-           "encode_captions", "load_image_pipeline"]
+           "PriorSamplingMixin", "encode_captions", "load_image_pipeline"]
