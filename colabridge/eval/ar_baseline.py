@@ -35,6 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from ..training.checkpointing import checkpoint_dir, load_latest_checkpoint, save_checkpoint
+from ..training.curves import LossLog, plot_losses
+from ..training.optim import OptimConfig, build_optimizer, decay_groups
+from ..training.trainer import BatchPlan
 
 DEFAULT_TOKENIZER = "runs/cola-tiny-en-vae/tokenizer.json"
 DEFAULT_OUTPUT = "pipelines/ar-baseline-tiny-en"
@@ -242,22 +245,10 @@ class ARTrainConfig:
     extra: dict = field(default_factory=dict)
 
 
-def cosine_lambda(warmup: int, total: int, min_ratio: float):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
-
-
-def batch_indices(num_rows: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
-    """Rows of step ``step``: a seeded permutation per epoch cut into batches (resumable from the step)."""
-    per_epoch = num_rows // batch_size
-    epoch, k = divmod(step, per_epoch)
-    g = torch.Generator().manual_seed(seed * 100003 + epoch)
-    return torch.randperm(num_rows, generator=g)[k * batch_size : (k + 1) * batch_size]
+def optim_config(cfg: ARTrainConfig) -> OptimConfig:
+    """The run's AdamW + warmup + cosine settings in the training stack's :class:`OptimConfig`."""
+    return OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), warmup_steps=cfg.warmup_steps,
+                       schedule="cosine", min_lr_ratio=cfg.min_lr_ratio, grad_clip=cfg.grad_clip)
 
 
 @torch.no_grad()
@@ -274,59 +265,80 @@ def heldout_loss(model, ids: torch.Tensor, labels: torch.Tensor, batch_size: int
     return total / count
 
 
+@dataclass
+class ARData:
+    """Packed rows (see :func:`pack_rows`): training ``(ids, labels)``, the first ``eval_rows`` held-out
+    rows, and the held-out sentences' token ids (for the real-continuation perplexity)."""
+
+    train_ids: torch.Tensor
+    train_labels: torch.Tensor
+    held_ids: torch.Tensor
+    held_labels: torch.Tensor
+    held_sentences: list[list[int]]
+
+
+def prepare_ar_data(cfg: ARTrainConfig, tok) -> ARData:
+    """The trainer's hash split of ``cfg.source``, tokenised with ``tok`` and packed into rows."""
+    from ..data import text
+
+    eos, pad = tok.token_to_id(text.EOS), tok.token_to_id(text.PAD)
+    train_texts, held_texts = text.split_holdout(_read_source(cfg.source), cfg.holdout_fraction)
+    train_ids, train_labels = pack_rows(text.encode_texts(tok, train_texts), cfg.seq_len, eos, pad)
+    held_sentences = text.encode_texts(tok, held_texts)
+    held_ids, held_labels = pack_rows(held_sentences, cfg.seq_len, eos, pad)
+    print(f"[ar] {len(train_texts)} train / {len(held_texts)} held-out sentences -> {train_ids.shape[0]} rows of "
+          f"{cfg.seq_len}; vocab {tok.get_vocab_size()}", flush=True)
+    return ARData(train_ids, train_labels, held_ids[: cfg.eval_rows], held_labels[: cfg.eval_rows], held_sentences)
+
+
 def train_ar_baseline(cfg: ARTrainConfig, resume: bool = True) -> dict:
     """Train the baseline with accelerate (AdamW, warmup + cosine, fixed seed), checkpoint to
     ``run_dir/checkpoints/`` every ``save_every`` steps (the latest is resumed when present), log to
-    ``run_dir/losses.csv``, then ``save_pretrained`` (safetensors) + tokenizer + README to ``output``."""
+    ``run_dir/losses.csv`` (+ ``losses.png``), then ``save_pretrained`` (safetensors) + tokenizer + README
+    to ``output``."""
     from accelerate import Accelerator
     from tokenizers import Tokenizer
 
     from ..data import text
 
     torch.set_num_threads(cfg.num_threads)
-    run_dir, out = Path(cfg.run_dir), Path(cfg.output)
+    run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     tok = Tokenizer.from_file(cfg.tokenizer)
-    eos, pad = tok.token_to_id(text.EOS), tok.token_to_id(text.PAD)
-    train_texts, held_texts = text.split_holdout(_read_source(cfg.source), cfg.holdout_fraction)
-    train_ids, train_labels = pack_rows(text.encode_texts(tok, train_texts), cfg.seq_len, eos, pad)
-    held_ids, held_labels = pack_rows(text.encode_texts(tok, held_texts), cfg.seq_len, eos, pad)
-    held_ids, held_labels = held_ids[: cfg.eval_rows], held_labels[: cfg.eval_rows]
-    print(f"[ar] {len(train_texts)} train / {len(held_texts)} held-out sentences -> {train_ids.shape[0]} rows of "
-          f"{cfg.seq_len}; vocab {tok.get_vocab_size()}", flush=True)
-
+    data = prepare_ar_data(cfg, tok)
     accelerator = Accelerator(cpu=True)
-    model = build_ar_model(tok.get_vocab_size(), eos, pad, cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.n_positions, cfg.seed)
-    n_params = num_parameters(model)
-    print(f"[ar] GPT2LMHeadModel: {n_params / 1e6:.3f}M parameters", flush=True)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.betas))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lambda(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-
-    step, elapsed = 0, 0.0
+    model = build_ar_model(tok.get_vocab_size(), tok.token_to_id(text.EOS), tok.token_to_id(text.PAD), cfg.n_embd,
+                           cfg.n_layer, cfg.n_head, cfg.n_positions, cfg.seed)
+    print(f"[ar] GPT2LMHeadModel: {num_parameters(model) / 1e6:.3f}M parameters", flush=True)
+    optimizer, scheduler = build_optimizer(decay_groups(model, cfg.weight_decay), optim_config(cfg), cfg.max_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)  # stepped by hand once per optimizer step, as in the trainer
     if not resume:
         shutil.rmtree(checkpoint_dir(run_dir), ignore_errors=True)  # a stale later step would outrank ours
     state = load_latest_checkpoint(accelerator, run_dir) if resume else None
     if state is not None:
-        step, elapsed = state["step"], state["elapsed"]
-        print(f"[ar] resumed at step {step}", flush=True)
-    csv = run_dir / "losses.csv"
-    if step == 0:
-        csv.write_text("step,loss,lr,elapsed_s\n")
+        print(f"[ar] resumed at step {state['step']}", flush=True)
+    step, elapsed = train_loop(accelerator, model, optimizer, scheduler, data, cfg, state)
+    note = plot_losses(run_dir / "losses.csv", run_dir / "losses.png")
+    if note:
+        print(f"[ar] {note}", flush=True)
+    return finish(accelerator.unwrap_model(model), data, cfg, step, elapsed)
 
-    def save(step: int) -> None:
-        save_checkpoint(accelerator, run_dir, step, keep=1, extra={"elapsed": elapsed})
 
+def train_loop(accelerator, model, optimizer, scheduler, data: ARData, cfg: ARTrainConfig,
+               state: dict | None) -> tuple[int, float]:
+    """Optimizer steps from ``state`` (a checkpoint's, or None) to ``cfg.max_steps``; returns ``(step,
+    elapsed seconds)``. The batch of a step is a function of ``(seed, step)``, so a resume is exact."""
+    run_dir = Path(cfg.run_dir)
+    step, elapsed = (state["step"], state["elapsed"]) if state else (0, 0.0)
+    plan = BatchPlan(data.train_ids.shape[0], cfg.batch_size, world=1, rank=0, seed=cfg.seed)
+    log = LossLog(run_dir / "losses.csv", accelerator.is_main_process, step)
     model.train()
     t0, running = time.time() - elapsed, []
     while step < cfg.max_steps:
-        idx = batch_indices(train_ids.shape[0], cfg.batch_size, step, cfg.seed)
-        ids, labels = train_ids[idx], train_labels[idx]
-        loss = model(input_ids=ids, labels=labels).loss
+        idx = plan.indices(step)
+        loss = model(input_ids=data.train_ids[idx], labels=data.train_labels[idx]).loss
         accelerator.backward(loss)
         if cfg.grad_clip:
             accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -337,28 +349,27 @@ def train_ar_baseline(cfg: ARTrainConfig, resume: bool = True) -> dict:
         elapsed = time.time() - t0
         running.append(loss.item())
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            mean = sum(running) / len(running)
-            running = []
-            with open(csv, "a") as fh:
-                fh.write(f"{step},{mean:.5f},{scheduler.get_last_lr()[0]:.3e},{elapsed:.1f}\n")
+            mean, running = sum(running) / len(running), []
+            log.append({"step": step, "loss": mean, "lr": scheduler.get_last_lr()[0], "elapsed_s": round(elapsed, 1)})
             print(f"[ar] step {step}/{cfg.max_steps} loss {mean:.4f} ({elapsed / step:.2f} s/step)", flush=True)
         if step % cfg.save_every == 0 and step < cfg.max_steps:
-            save(step)
-    save(step)
+            save_checkpoint(accelerator, run_dir, step, keep=1, extra={"elapsed": elapsed})
+    save_checkpoint(accelerator, run_dir, step, keep=1, extra={"elapsed": elapsed})
+    return step, elapsed
 
-    final = accelerator.unwrap_model(model)
-    held = heldout_loss(final, held_ids, held_labels)
-    real_ppl = None
-    _, held_tok = held_texts, text.encode_texts(tok, held_texts)
-    final.eval()
-    real_ppl = real_text_perplexity(final, held_tok, limit=256)
-    result = {"params": n_params, "steps": step, "wall_time_s": round(elapsed, 1),
+
+def finish(model, data: ARData, cfg: ARTrainConfig, step: int, elapsed: float) -> dict:
+    """Held-out loss and real-continuation perplexity → ``run_dir/result.json``, then :func:`export`."""
+    held = heldout_loss(model, data.held_ids, data.held_labels)
+    model.eval()
+    real_ppl = real_text_perplexity(model, data.held_sentences, limit=256)
+    result = {"params": num_parameters(model), "steps": step, "wall_time_s": round(elapsed, 1),
               "tokens_seen": step * cfg.batch_size * cfg.seq_len, "heldout_loss": held,
-              "heldout_ppl": math.exp(held), "heldout_rows": int(held_ids.shape[0]),
-              "real_continuation_gen_ppl": real_ppl, "train_rows": int(train_ids.shape[0])}
-    (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+              "heldout_ppl": math.exp(held), "heldout_rows": int(data.held_ids.shape[0]),
+              "real_continuation_gen_ppl": real_ppl, "train_rows": int(data.train_ids.shape[0])}
+    (Path(cfg.run_dir) / "result.json").write_text(json.dumps(result, indent=2))
     print(f"[ar] held-out loss {held:.4f} ppl {math.exp(held):.2f}; real-continuation gen-ppl {real_ppl:.2f}", flush=True)
-    export(final, cfg, result, out)
+    export(model, cfg, result, Path(cfg.output))
     return result
 
 

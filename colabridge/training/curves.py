@@ -1,4 +1,5 @@
-"""Loss curves from ``losses.csv`` to PNG: matplotlib when installed, else a plain Pillow drawing."""
+"""Loss logs of the training scripts: ``losses.csv`` written (:class:`LossLog`, resume-aware) and drawn
+to PNG (:func:`plot_losses`: matplotlib when installed, else a plain Pillow drawing)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,39 @@ from pathlib import Path
 SKIP = ("step", "lr", "elapsed_s", "grad_norm", "t_mean")
 SIZE, MARGIN = (900, 300), 40
 COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
+
+
+class LossLog:
+    """``losses.csv`` (one row per logged step) on the main process; rows after ``resume_step`` (written
+    by a run that was killed before its next checkpoint) are dropped on resume."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int):
+        self.path, self.enabled, self.fields = path, enabled, None
+        if not (enabled and path.is_file()):
+            return
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            kept = [r for r in reader if int(r["step"]) <= resume_step]
+            fields = reader.fieldnames
+        path.unlink()
+        if kept:
+            self.fields = list(fields)
+            self._write(kept, header=True)
+
+    def _write(self, rows: list[dict], header: bool) -> None:
+        with self.path.open("w" if header else "a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=self.fields, extrasaction="ignore")
+            if header:
+                writer.writeheader()
+            writer.writerows(rows)
+
+    def append(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        header = self.fields is None
+        if header:
+            self.fields = list(row)
+        self._write([row], header)
 
 
 def read_curves(csv_path: Path) -> tuple[list[int], dict[str, list[float]]]:

@@ -18,9 +18,7 @@ for Stage 2).
 from __future__ import annotations
 
 import copy
-import csv
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,7 +32,8 @@ from . import losses as L
 from .checkpointing import (
     checkpoint_dir, latest_checkpoint, load_latest_checkpoint, load_model_weights, save_checkpoint,
 )
-from .curves import plot_losses
+from .curves import LossLog, plot_losses
+from .optim import OptimConfig, build_optimizer
 
 STAGES = ("vae", "joint", "lora")
 EPOCH_SEED_STRIDE = 100_003  # permutation seed of epoch e: seed·stride + e (distinct across seeds and epochs)
@@ -66,19 +65,6 @@ class DataConfig:
     vocab_size: int = 4096
     seq_len: int = 64
     holdout_fraction: float = 0.02
-
-
-@dataclass
-class OptimConfig:
-    """AdamW with linear warmup then cosine decay to ``min_lr_ratio·lr`` (or constant)."""
-
-    lr: float = 3e-4
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int = 100
-    schedule: str = "cosine"
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
 
 
 @dataclass
@@ -301,56 +287,6 @@ def build_lora_objective(cfg: TrainConfig) -> Objective:
     return Objective("lora", cfg.loss_config(), vae, dit.train())
 
 
-def lr_lambda(cfg: OptimConfig, max_steps: int):
-    """Multiplier of the base LR at optimizer step ``s``: linear warmup, then cosine or constant."""
-
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
-
-
-# --------------------------------------------------------------------------- logging
-
-
-class LossLog:
-    """``losses.csv`` (one row per logged step) on the main process; rows after ``resume_step`` (written
-    by a run that was killed before its next checkpoint) are dropped on resume."""
-
-    def __init__(self, path: Path, enabled: bool, resume_step: int):
-        self.path, self.enabled, self.fields = path, enabled, None
-        if not (enabled and path.is_file()):
-            return
-        with path.open(newline="") as fh:
-            reader = csv.DictReader(fh)
-            kept = [r for r in reader if int(r["step"]) <= resume_step]
-            fields = reader.fieldnames
-        path.unlink()
-        if kept:
-            self.fields = list(fields)
-            self._write(kept, header=True)
-
-    def _write(self, rows: list[dict], header: bool) -> None:
-        with self.path.open("w" if header else "a", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=self.fields, extrasaction="ignore")
-            if header:
-                writer.writeheader()
-            writer.writerows(rows)
-
-    def append(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        header = self.fields is None
-        if header:
-            self.fields = list(row)
-        self._write([row], header)
-
-
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -408,10 +344,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = Non
     tokenizer, train_rows, held_rows = prepare_data(cfg.data, out, accelerator)
     objective = build_objective(cfg, tokenizer.get_vocab_size(), train_rows)
     params = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
     # the scheduler is stepped by hand once per optimizer step (not prepared: accelerate would step it
     # num_processes times per step), and checkpointed alongside
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.max_steps))
+    optimizer, scheduler = build_optimizer(params, cfg.optim, cfg.max_steps)
     model, optimizer = accelerator.prepare(objective, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     set_seed(cfg.seed + accelerator.process_index)  # per-rank noise streams
