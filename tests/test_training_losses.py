@@ -20,15 +20,16 @@ from colabridge.training.losses import (
     two_l_mask,
     two_l_velocity,
     vae_loss,
+    vae_terms,
 )
 
 VOCAB, LATENT, BLOCK = 40, 8, 4
 
 
-def tiny_vae(seed=0):
+def tiny_vae(seed=0, **overrides):
     torch.manual_seed(seed)
-    return ColaTextVAE(vocab_size=VOCAB, encoder_num_blocks=1, decoder_num_blocks=1, dim=32, ffn_dim=64,
-                       latent_dim=LATENT, num_heads=2, block_size=BLOCK)
+    return ColaTextVAE(**{**dict(vocab_size=VOCAB, encoder_num_blocks=1, decoder_num_blocks=1, dim=32, ffn_dim=64,
+                                 latent_dim=LATENT, num_heads=2, block_size=BLOCK), **overrides})
 
 
 def tiny_dit(seed=0, randomize=False):
@@ -202,3 +203,62 @@ def test_latent_stats_normalise_latents():
     assert vae.config.shifting_factor == pytest.approx(shift) and vae.config.scaling_factor == pytest.approx(scale)
     z = torch.cat([vae.normalize(vae.encode(ids).mode())[m] for ids, m in batches])
     assert abs(z.mean().item()) < 1e-4 and abs(z.std().item() - 1) < 1e-2
+
+
+# --------------------------------------------------------------------------- latent scale/shift (spec §4.2)
+
+SCALED = dict(scaling_factor=2.0, shifting_factor=0.5)  # far from the ≈1/≈0 of the shipped models
+
+
+def record_decoder_inputs(vae):
+    """Every tensor ``vae.decoder.in_layer`` receives, and the hook handle."""
+    seen = []
+    handle = vae.decoder.in_layer.register_forward_pre_hook(lambda _module, args: seen.append(args[0].detach().clone()))
+    return seen, handle
+
+
+def test_training_and_pipeline_hand_the_decoder_the_same_latents():
+    """The official inference decodes *normalised* latents; the training decode path must too."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from colabridge import ColaPipeline
+
+    vae = tiny_vae(**SCALED).eval()
+    ids, _ = batch(length=3 * BLOCK)  # whole blocks: the pipeline's prefill decodes every prompt latent
+    seen, handle = record_decoder_inputs(vae)
+    with torch.no_grad():
+        vae_terms(vae, ids, None, VAELossConfig(sample_posterior=False, mask_weight=0.0))
+        pipe = ColaPipeline(vae, tiny_dit(), FlowMatchEulerDiscreteScheduler(), tokenizer=None)
+        pipe.set_progress_bar_config(disable=True)
+        pipe(prompt_ids=ids.tolist(), max_new_tokens=BLOCK, num_inference_steps=1, pad_token_id=0,
+             stop_token_ids=[], output_type="ids")
+        raw = vae.encode(ids).mode()
+    handle.remove()
+    training, prefill, generated = seen
+    torch.testing.assert_close(prefill, training, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(training, (raw - 0.5) * 2.0)
+    assert generated.shape == (ids.shape[0], BLOCK, LATENT)
+
+
+def test_new_latent_stats_keep_what_the_decoder_reads():
+    """Stage 1 trains on scale 1 / shift 0; storing other statistics refits the decoder input layer,
+    so the pipeline (which decodes normalised latents) reads the text the training decoder did."""
+    vae = tiny_vae().eval()
+    ids, _ = batch()
+    with torch.no_grad():
+        trained = vae.decode(vae.normalize(vae.encode(ids).mode()))
+        store_latent_stats(vae, SCALED["shifting_factor"], SCALED["scaling_factor"])
+        assert (vae.config.shifting_factor, vae.config.scaling_factor) == (0.5, 2.0)
+        torch.testing.assert_close(vae(ids), trained, atol=1e-5, rtol=1e-5)
+        vae.set_latent_stats(shift=-0.3, scale=0.7)  # from non-trivial statistics to others
+        torch.testing.assert_close(vae(ids), trained, atol=1e-5, rtol=1e-5)
+
+
+def test_latent_shift_needs_a_decoder_bias():
+    vae = tiny_vae(bias=False)
+    with pytest.raises(ValueError, match="no bias"):
+        vae.set_latent_stats(shift=0.5, scale=1.0)
+    with pytest.raises(ValueError, match="scale=0"):
+        vae.set_latent_stats(shift=0.0, scale=0.0)
+    vae.set_latent_stats(shift=0.0, scale=2.0)  # a scale alone folds into the weight
+    assert vae.config.scaling_factor == 2.0

@@ -42,13 +42,13 @@ def latent_metrics(pipe, ids: torch.Tensor, real: torch.Tensor, seed: int = 0) -
     count = 0.0
     for i in range(0, len(ids), 64):
         b_ids, b_real = ids[i : i + 64], real[i : i + 64]
-        z = vae.encode(b_ids).mode()
+        z = vae.normalize(vae.encode(b_ids).mode())  # the decoder's input space, as in the pipeline
         logits = vae.decode(z)
         n = float(b_real.sum())
         sums["heldout_recon_acc"] += float(L.token_accuracy(logits, b_ids, b_real)) * n
         sums["heldout_recon_ce"] += float(L.token_cross_entropy(logits, b_ids, b_real)) * n
         fm_cfg = L.FlowMatchingConfig(prompt_block_prob=0.0)
-        sums["heldout_fm"] += float(L.flow_matching_loss(dit, vae.normalize(z), b_real, fm_cfg, generator=g)[0]) * n
+        sums["heldout_fm"] += float(L.flow_matching_loss(dit, z, b_real, fm_cfg, generator=g)[0]) * n
         count += n
     return {k: v / count for k, v in sums.items()}
 

@@ -276,12 +276,38 @@ class ColaTextVAE(ModelMixin, ConfigMixin):
         return KVCache(self.config.decoder_num_blocks, capacity)
 
     def normalize(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latent normalisation applied before the DiT: ``(z - shifting_factor) · scaling_factor``."""
+        """Latent normalisation ``(z - shifting_factor) · scaling_factor`` of encoder latents ``(B, L, c)``.
+
+        The normalised space is the DiT's *and the decoder's*: the official inference decodes the
+        normalised latents with no inverse (spec §4.2, §7.10), so training decodes them too.
+        """
         return (latents - self.config.shifting_factor) * self.config.scaling_factor
 
+    @torch.no_grad()
+    def set_latent_stats(self, shift: float, scale: float) -> None:
+        """Store new ``shifting_factor``/``scaling_factor`` and refit ``decoder.in_layer`` to them.
+
+        The decoder reads ``normalize(z)``; changing the statistics changes that input, so the input
+        layer is re-parametrised exactly: with ``x_old = x_new·(s_old/s_new) + (shift_new − shift_old)·s_old``,
+        ``W' = W·s_old/s_new`` and ``b' = b + (shift_new − shift_old)·s_old·W·1``. Then
+        ``decode(normalize(z))`` is unchanged for every ``z`` (up to float round-off).
+        """
+        if scale == 0:
+            raise ValueError("set_latent_stats: scale=0 would map every latent to 0; estimate the statistics on real data.")
+        layer = self.decoder.in_layer
+        old_shift, old_scale = self.config.shifting_factor, self.config.scaling_factor
+        offset = (shift - old_shift) * old_scale
+        if layer.bias is None and offset != 0:
+            raise ValueError(f"set_latent_stats: the decoder input layer has no bias (bias=False), so the shift "
+                             f"{old_shift} -> {shift} cannot be folded into it; keep shift={old_shift} or use bias=True.")
+        if layer.bias is not None:
+            layer.bias.add_(offset * layer.weight.sum(dim=1))  # (dim,)
+        layer.weight.mul_(old_scale / scale)
+        self.register_to_config(shifting_factor=float(shift), scaling_factor=float(scale))
+
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Reconstruction logits from the posterior mode (no cache)."""
-        return self.decode(self.encode(input_ids, attention_mask).mode())
+        """Reconstruction logits from the normalised posterior mode, as the pipeline decodes (no cache)."""
+        return self.decode(self.normalize(self.encode(input_ids, attention_mask).mode()))
 
 
 def _check_vae_config(cfg) -> None:

@@ -3,7 +3,9 @@ r"""Training objectives of Cola DLM (spec §6; paper Stage 1 / Stage 2).
 Everything here is plain maths on models and tensors, shared by the trainers and the tests:
 
 * Stage 1, Text VAE: ``L_VAE = recon + λ_mask·L_mask + β·KL(q_φ ‖ N(0, I))``
-  (:func:`vae_loss`).
+  (:func:`vae_loss`). The decoder reads ``vae.normalize(z)``, the space the pipeline hands it
+  (spec §4.2: inference decodes normalised latents); a fresh VAE has scale 1 / shift 0, so Stage 1
+  then decodes raw latents, and :func:`store_latent_stats` refits the decoder input to new statistics.
 * DiT flow matching with the official convention (spec §6.1): ``z_t = (1−t)·z0 + t·z1``,
   target ``z1 − z0``, timestep ``t·1000``, one ``t`` per sample, fed with the "2L trick"
   ``[clean z0 | noisy z_t]`` under :func:`two_l_mask` (:func:`flow_matching_loss`).
@@ -213,14 +215,17 @@ def vae_terms(
     vae, input_ids: torch.LongTensor, loss_mask: torch.Tensor | None, cfg: VAELossConfig,
     attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict, TextLatentPosterior, torch.Tensor]:
-    """The VAE terms on one batch; also returns the posterior and the decoded latents z (unnormalised).
+    """The VAE terms on one batch; also returns the posterior and the decoded latents ``vae.normalize(z)``.
+
+    The decoder consumes normalised latents, the tensor :class:`ColaPipeline` hands it (prompt
+    latents and transported blocks), so training and inference decode the same space.
 
     ``loss_mask`` ``(B, L)`` selects the positions that count (e.g. not padding); ``attention_mask``
     is the encoder's own padding mask (None: every token, pads included, is visible, as at inference
     where prompts are block-padded with the pad id).
     """
     posterior = vae.encode(input_ids, attention_mask)
-    z = posterior.sample(generator) if cfg.sample_posterior else posterior.mode()
+    z = vae.normalize(posterior.sample(generator) if cfg.sample_posterior else posterior.mode())  # (B, L, c)
     logits = vae.decode(z)  # (B, L, V)
     recon = token_cross_entropy(logits, input_ids, loss_mask)
     kl = masked_mean(posterior.kl(), loss_mask) if posterior.logvar is not None else recon.new_zeros(())
@@ -229,7 +234,7 @@ def vae_terms(
     if cfg.mask_weight > 0:
         masked_ids, masked = mask_tokens(input_ids, vae.mask_token_id, cfg.mask_prob, loss_mask, generator)
         m_post = vae.encode(masked_ids, attention_mask)
-        m_z = m_post.sample(generator) if cfg.sample_posterior else m_post.mode()
+        m_z = vae.normalize(m_post.sample(generator) if cfg.sample_posterior else m_post.mode())
         mask_loss = token_cross_entropy(vae.decode(m_z), input_ids, masked)
         total = total + cfg.mask_weight * mask_loss
         logs["mask"] = mask_loss.detach()
@@ -325,7 +330,7 @@ def joint_loss(
 ) -> tuple[torch.Tensor, dict]:
     r"""Stage-2 loss ``λ_vae·L_VAE + λ_fm·L_FM + λ_ref·KL(q_φ ‖ q_φ_ref)``; returns ``(loss, logs)``.
 
-    z0 = ``vae.normalize(z)`` of the same posterior sample (or mean) that the VAE terms decode.
+    z0 = ``vae.normalize(z)``: the same normalised posterior sample (or mean) that the VAE terms decode.
     ``ref_vae`` is the frozen reference encoder (needed when ``ref_weight > 0``). With
     ``cfg.freeze_vae`` the VAE runs without gradients and only the FM term is returned.
     """
@@ -340,8 +345,8 @@ def joint_loss(
         return total, logs
     vae_total, logs, posterior, z = vae_terms(vae, input_ids, loss_mask, cfg.vae, attention_mask, generator)
     if cfg.fm_latents == "mean":
-        z = posterior.mode()
-    z0 = vae.normalize(z.detach() if cfg.detach_latents else z)
+        z = vae.normalize(posterior.mode())
+    z0 = z.detach() if cfg.detach_latents else z
     fm, fm_logs = flow_matching_loss(dit, z0, loss_mask, cfg.fm, generator=generator)
     logs.update(fm_logs)
     total = cfg.vae_weight * vae_total + cfg.fm_weight * fm
@@ -383,5 +388,7 @@ def estimate_latent_stats(vae, batches) -> tuple[float, float]:
 
 
 def store_latent_stats(vae, shift: float, scale: float) -> None:
-    """Write ``shifting_factor`` / ``scaling_factor`` into the VAE config (saved with the model)."""
-    vae.register_to_config(shifting_factor=float(shift), scaling_factor=float(scale))
+    """Write ``shifting_factor`` / ``scaling_factor`` into the VAE config (saved with the model) and refit
+    the decoder's input layer so that it decodes the newly normalised latents as before
+    (:meth:`ColaTextVAE.set_latent_stats`)."""
+    vae.set_latent_stats(shift, scale)
