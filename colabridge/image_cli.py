@@ -1,4 +1,5 @@
-"""``colabridge imagine`` (prompt → PNG) and ``colabridge caption`` (image → text).
+"""``colabridge imagine`` (prompt → PNG), ``colabridge caption`` (image → text) and ``colabridge clip-prior``
+(prompt → CLIP image embeddings in a safetensors file).
 
 ``--model`` is an image pipeline folder (``ColaImagePriorPipeline.save_pretrained``); or a text
 pipeline folder with ``--adapter`` (image adapter folder) and ``--autoencoder`` (``AutoencoderKL`` folder).
@@ -15,10 +16,12 @@ from .paths import artifact_root
 
 # embedded default: the shapes text model + its image adapter + the shapes autoencoder
 DEFAULT_PARTS = ("pipelines/shapes-text", "adapters/shapes-image", "pipelines/shapes-autoencoder")
+# embedded default of clip-prior: the shapes text model + its CLIP-prior adapter + the shapes CLIP
+DEFAULT_CLIP_PARTS = ("pipelines/shapes-text", "adapters/shapes-clip-prior", "pipelines/shapes-clip")
 
 
-def default_parts() -> tuple[Path, Path, Path]:
-    paths = tuple(artifact_root() / part for part in DEFAULT_PARTS)
+def default_parts(parts: tuple[str, str, str] = DEFAULT_PARTS) -> tuple[Path, Path, Path]:
+    paths = tuple(artifact_root() / part for part in parts)
     missing = [str(p) for p in paths if not p.is_dir()]
     if missing:
         raise SystemExit(f"embedded image model missing ({', '.join(missing)}); pass --model DIR (with "
@@ -95,6 +98,29 @@ def cmd_caption(args) -> None:
         print(json.dumps({"image": name, "caption": text}, ensure_ascii=False))
 
 
+def cmd_clip_prior(args) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from .pipelines import ColaClipPriorPipeline
+
+    parts = (args.model, args.adapter, args.clip)
+    if any(p is not None for p in parts) and not all(p is not None for p in parts):
+        raise SystemExit("colabridge clip-prior: pass all of --model, --adapter and --clip, or none (embedded default).")
+    try:
+        pipe = ColaClipPriorPipeline.from_parts(*(parts if parts[0] else default_parts(DEFAULT_CLIP_PARTS)))
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe(args.prompt, num_images_per_prompt=args.num_images, num_inference_steps=args.steps,
+                   guidance_scale=args.guidance_scale, generator=torch.Generator().manual_seed(args.seed))
+    except (FileNotFoundError, TypeError, ValueError) as err:
+        raise SystemExit(f"colabridge clip-prior: {err}") from err
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    save_file({"image_embeds": out.image_embeds.contiguous(), "negative_image_embeds": out.negative_image_embeds.contiguous()},
+              args.output, metadata={"prompt": args.prompt})
+    print(f"{args.output}: image_embeds {tuple(out.image_embeds.shape)}, negative_image_embeds "
+          f"{tuple(out.negative_image_embeds.shape)}")
+
+
 def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="image pipeline folder, or a text pipeline folder with --adapter/--autoencoder "
                                    f"(default: {' + '.join(DEFAULT_PARTS)})")
@@ -120,3 +146,17 @@ def add_image_commands(subparsers) -> None:
     caption.add_argument("--max-new-tokens", type=int, default=24, help="caption token budget (whole blocks)")
     _model_arguments(caption)
     caption.set_defaults(func=cmd_caption)
+
+    prior = subparsers.add_parser("clip-prior", help="prompt → CLIP image embeddings (Kandinsky-style prior)")
+    prior.add_argument("prompt", help="the prompt, e.g. \"a red circle\"")
+    prior.add_argument("-o", "--output", default="embeds.safetensors", help="safetensors file (image_embeds, "
+                                                                           "negative_image_embeds)")
+    prior.add_argument("-n", "--num-images", type=int, default=1, help="embeddings for the prompt")
+    prior.add_argument("--model", help="text pipeline folder (with --adapter and --clip; default: "
+                                       f"{' + '.join(DEFAULT_CLIP_PARTS)})")
+    prior.add_argument("--adapter", help="CLIP-prior adapter folder (PEFT LoRA + projections/)")
+    prior.add_argument("--clip", help="ColaClipEmbedder folder (config.json, safetensors, tokenizer/)")
+    prior.add_argument("--steps", type=int, default=16, help="solver steps for the embedding block")
+    prior.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+    prior.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    prior.set_defaults(func=cmd_clip_prior)

@@ -245,6 +245,21 @@ def test_retrieval_benchmark_runs_on_tiny_models(pipe, parts):
     assert 0.0 <= out["text_tower"]["R@1"] <= 1.0
 
 
+def test_cli_clip_prior_writes_embeddings(parts, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from colabridge.cli import main
+
+    out = tmp_path / "embeds.safetensors"
+    main(["clip-prior", "a red circle", "-n", "2", "--steps", str(STEPS), "--model", str(parts[0]),
+          "--adapter", str(parts[1]), "--clip", str(parts[2]), "-o", str(out)])
+    tensors = load_file(str(out))
+    assert tensors["image_embeds"].shape == (2, EMBED_DIM) and tensors["negative_image_embeds"].shape == (2, EMBED_DIM)
+    assert "image_embeds (2, 16)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="all of --model"):
+        main(["clip-prior", "a red circle", "--model", str(parts[0])])
+
+
 def test_clip_training_script_runs(tmp_path):
     from colabridge.adapters.train_shapes_clip import main
 
