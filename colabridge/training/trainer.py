@@ -253,7 +253,7 @@ def build_objective(cfg: TrainConfig, vocab_size: int, train_rows: TextRows) -> 
     if cfg.stage == "vae":
         return Objective("vae", loss_cfg, vae.train())
     if cfg.latent_stats == "estimate":
-        L.store_latent_stats(vae, *L.estimate_latent_stats(vae.eval(), stat_batches(train_rows)))
+        fit_latent_stats(vae, train_rows)
     if cfg.init_dit:
         dit = ColaDiT.from_pretrained(cfg.init_dit)
     else:
@@ -267,6 +267,12 @@ def build_objective(cfg: TrainConfig, vocab_size: int, train_rows: TextRows) -> 
         if loss_cfg.ref_weight > 0:
             ref = copy.deepcopy(vae).requires_grad_(False).eval()
     return Objective("joint", loss_cfg, vae, dit.train(), ref)
+
+
+def fit_latent_stats(vae: ColaTextVAE, rows: TextRows) -> None:
+    """Measure the latent shift/scale on the first training rows and store them in the VAE; the decoder
+    input layer is refitted so it decodes the newly normalised latents as before (``store_latent_stats``)."""
+    L.store_latent_stats(vae, *L.estimate_latent_stats(vae.eval(), stat_batches(rows)))
 
 
 def stat_batches(rows: TextRows, max_rows: int = STAT_ROWS) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -303,14 +309,14 @@ def evaluate(objective: Objective, rows: TextRows | None, max_rows: int, seed: i
     g = torch.Generator().manual_seed(seed)
     for i in range(0, len(ids), EVAL_BATCH):
         b_ids, b_real = ids[i : i + EVAL_BATCH], real[i : i + EVAL_BATCH]
-        posterior = vae.encode(b_ids)
-        logits = vae.decode(posterior.mode())
+        z = vae.normalize(vae.encode(b_ids).mode())  # the decoder's input space, as in the pipeline
+        logits = vae.decode(z)
         n = float(b_real.sum())
         correct += float(L.token_accuracy(logits, b_ids, b_real)) * n
         ce += float(L.token_cross_entropy(logits, b_ids, b_real)) * n
         if objective.dit is not None:
             fm_cfg = objective.loss_cfg.fm
-            fm += float(L.flow_matching_loss(objective.dit, vae.normalize(posterior.mode()), b_real, fm_cfg, generator=g)[0]) * n
+            fm += float(L.flow_matching_loss(objective.dit, z, b_real, fm_cfg, generator=g)[0]) * n
         count += n
     objective.train(was_training)
     out = {"heldout_recon_acc": correct / count, "heldout_recon_ce": ce / count}
@@ -371,8 +377,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = Non
             save_checkpoint(accelerator, out, step, cfg.keep_checkpoints)
     bar.close()
     unwrapped = accelerator.unwrap_model(model)
+    if step >= cfg.max_steps and cfg.stage == "vae" and cfg.latent_stats == "estimate":
+        fit_latent_stats(unwrapped.vae, train_rows)  # on every rank: it changes parameters
     if accelerator.is_main_process and step >= cfg.max_steps:
-        finish(cfg, unwrapped, out, train_rows, held_rows, step)
+        finish(cfg, unwrapped, out, held_rows, step)
     accelerator.wait_for_everyone()
     return unwrapped
 
@@ -405,7 +413,7 @@ def _write_eval(out: Path, step: int, metrics: dict) -> None:
         fh.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
-def finish(cfg: TrainConfig, objective: Objective, out: Path, train_rows: TextRows, held_rows, step: int) -> None:
+def finish(cfg: TrainConfig, objective: Objective, out: Path, held_rows, step: int) -> None:
     """Final evaluation, loss curve and exported models (``vae/``, ``transformer/``, ``pipeline/``)."""
     metrics = evaluate(objective, held_rows, cfg.eval_rows, cfg.seed)
     _write_eval(out, step, metrics)
@@ -417,8 +425,6 @@ def finish(cfg: TrainConfig, objective: Objective, out: Path, train_rows: TextRo
         finish_lora(objective, out, held_rows, cfg, step)
         return
     vae = objective.vae
-    if cfg.stage == "vae" and cfg.latent_stats == "estimate":
-        L.store_latent_stats(vae, *L.estimate_latent_stats(vae.eval(), stat_batches(train_rows)))
     vae.save_pretrained(out / "vae")
     if objective.dit is not None:
         objective.dit.save_pretrained(out / "transformer")
