@@ -216,8 +216,30 @@ def pack_rows(token_lists, seq_len: int, eos_id: int, pad_id: int) -> tuple[torc
 # --------------------------------------------------------------------------- training
 
 
+FIELD_HELP = {
+    "tokenizer": "tokenizer.json of the Cola model (byte-level BPE with its special tokens)",
+    "source": "'wordnet' or a text file with one sentence per line",
+    "holdout_fraction": "share of sentences held out (the Cola trainer's hash split)",
+    "seq_len": "tokens per packed row, the leading <|endoftext|> included",
+    "n_embd": "GPT-2 width", "n_layer": "GPT-2 layers", "n_head": "GPT-2 attention heads",
+    "n_positions": "GPT-2 maximum positions",
+    "batch_size": "rows per optimizer step", "max_steps": "optimizer steps (the horizon of the cosine)",
+    "lr": "peak AdamW learning rate", "min_lr_ratio": "floor of the cosine as a fraction of lr",
+    "warmup_steps": "linear warmup steps", "weight_decay": "AdamW weight decay of matrices (none on biases/norms)",
+    "grad_clip": "max gradient norm (0 = no clipping)", "seed": "seed of the initial weights and the data order",
+    "save_every": "steps between checkpoints (RUN_DIR/checkpoints)", "log_every": "steps between losses.csv rows",
+    "eval_rows": "held-out packed rows of the final held-out loss", "num_threads": "torch CPU threads",
+    "output": "folder of the exported model (save_pretrained + tokenizer + README)",
+    "run_dir": "run folder: config.json, checkpoints/, losses.csv, losses.png, result.json",
+    "save_dtype": "torch dtype of the exported weights",
+}
+
+
 @dataclass
 class ARTrainConfig:
+    """One baseline run; every field but ``betas`` (AdamW moments) and ``extra`` (free-form notes kept in
+    ``config.json``) is described in :data:`FIELD_HELP`, which is also the CLI's ``--help``."""
+
     tokenizer: str = DEFAULT_TOKENIZER
     source: str = "wordnet"
     holdout_fraction: float = 0.02
@@ -435,13 +457,13 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Train the GPT-2 autoregressive baseline.")
     d = ARTrainConfig()
     for name in ("tokenizer", "source", "output", "run_dir", "save_dtype"):
-        p.add_argument("--" + name.replace("_", "-"), default=getattr(d, name))
+        p.add_argument("--" + name.replace("_", "-"), default=getattr(d, name), help=FIELD_HELP[name])
     for name in ("seq_len", "n_embd", "n_layer", "n_head", "n_positions", "batch_size", "max_steps", "warmup_steps",
                  "seed", "save_every", "log_every", "eval_rows", "num_threads"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name), help=FIELD_HELP[name])
     for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "holdout_fraction"):
-        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
-    p.add_argument("--no-resume", action="store_true")
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name), help=FIELD_HELP[name])
+    p.add_argument("--no-resume", action="store_true", help="start from step 0, deleting RUN_DIR/checkpoints")
     p.add_argument("--card-only", action="store_true", help="rewrite OUTPUT/README.md from RUN_DIR/result.json")
     args = vars(p.parse_args(argv))
     resume = not args.pop("no_resume")
