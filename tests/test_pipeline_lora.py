@@ -11,7 +11,7 @@ import torch
 
 from colabridge import ColaPipeline
 from colabridge.paths import artifact_root
-from colabridge.training.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, add_lora, lora_config, lora_parameters
+from colabridge.training.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, add_lora, lora_config, lora_parameters, save_adapter
 
 PROMPT = "The quick brown fox"
 # no bf16 rounding of prior inputs: fused vs unfused differ by float round-off, which bf16 could amplify
@@ -37,8 +37,6 @@ def adapter(pipe, tmp_path):
     with torch.no_grad():
         for p in lora_parameters(trainee).values():
             p.normal_(0, 0.2, generator=g)
-    from colabridge.training.lora import save_adapter
-
     return save_adapter(trainee, tmp_path / "adapter")
 
 
