@@ -240,22 +240,31 @@ def test_cli_imagine_and_caption(parts, tmp_path, capsys):
 # --------------------------------------------------------------------------- training script
 
 
-def test_shapes_adapter_training_script_runs_resumes_and_exports(parts, tmp_path):
-    """Two steps, resume to three, export + held-out evaluation, on the tiny random models."""
+def test_shapes_adapter_training_script_resumes_exactly_and_exports(parts, tmp_path):
+    """Stop at two of three steps + resume == three in one go (bit-exact weights); export + evaluation, tiny models."""
     import json
 
     from colabridge.adapters.train_shapes import main as train_main
+    from colabridge.training.checkpointing import latest_checkpoint, load_model_weights, read_state
 
     text, _, autoencoder = parts
-    base = ["--text-model", str(text), "--autoencoder", str(autoencoder), "--out", str(tmp_path / "run"),
-            "--batch-size", "2", "--num-train", "4", "--rank", "2", "--patch-size", "1", "--checkpoint-every", "1"]
-    train_main(base + ["--steps", "2"])
-    train_main(base + ["--steps", "3"])
-    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 3
-    train_main(base + ["--steps", "3", "--export", str(tmp_path / "adapter"), "--pipeline", str(tmp_path / "pipe"),
-                       "--eval-num", "2", "--eval-steps", "1", "--eval-guidance", "1"])
+
+    def args(run):
+        return ["--text-model", str(text), "--autoencoder", str(autoencoder), "--out", str(tmp_path / run),
+                "--batch-size", "2", "--num-train", "4", "--rank", "2", "--patch-size", "1", "--checkpoint-every", "1"]
+
+    train_main(args("resumed") + ["--steps", "3", "--stop-at-step", "2"])  # as if killed after checkpoint 2
+    train_main(args("resumed") + ["--steps", "3"])
+    train_main(args("straight") + ["--steps", "3"])
+    resumed, straight = (latest_checkpoint(tmp_path / run) for run in ("resumed", "straight"))
+    assert read_state(resumed)["step"] == read_state(straight)["step"] == 3
+    a, b = load_model_weights(resumed), load_model_weights(straight)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    train_main(args("resumed") + ["--steps", "3", "--export", str(tmp_path / "adapter"), "--pipeline", str(tmp_path / "pipe"),
+                                  "--eval-num", "2", "--eval-steps", "1", "--eval-guidance", "1"])
     metrics = json.loads((tmp_path / "adapter" / "metrics.json").read_text())
     assert metrics["step"] == 3 and 0 <= metrics["heldout_cfg1"]["text_to_image"]["all"] <= 1
+    assert metrics["train_cfg1"]["split"] == "train"
     assert PIL.Image.open(tmp_path / "adapter" / "grid.png").size == (4 * 4 * IMAGE_SIZE, 6 * 4 * IMAGE_SIZE)
     assert isinstance(load_image_pipeline(ColaCaptionPipeline, tmp_path / "pipe"), ColaCaptionPipeline)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -25,14 +24,20 @@ import torch
 from diffusers import AutoencoderKL
 
 from ..data.shapes import make_examples, score, score_caption
+from ..training.checkpointing import (
+    latest_checkpoint,
+    load_latest_checkpoint,
+    load_model_weights,
+    read_state,
+    save_checkpoint,
+)
 from ..training.losses import FlowMatchingConfig
 from .latent_spaces import ImageLatentSpace
 from .losses import flow_matching_loss_image
 from .multimodal import MultimodalPrior
 from .saving import add_image_adapter, save_image_adapter
 
-CHECKPOINT = "checkpoint.pt"
-DATA = "data.pt"
+DATA = "data.safetensors"
 ENCODE_BATCH = 256
 
 
@@ -77,47 +82,71 @@ def _cat_padded(chunks: list[torch.Tensor], left: bool) -> torch.Tensor:
     return torch.cat(padded)
 
 
+def load_or_encode(text, ae, space: ImageLatentSpace, out: Path, num: int, seed: int) -> dict:
+    """The run's encoded training set: ``out/data.safetensors`` if present, else encoded now and written."""
+    from safetensors.torch import load_file, save_file
+
+    if (out / DATA).is_file():
+        return load_file(str(out / DATA))
+    data = encode_dataset(text, ae, space, num, seed)
+    save_file({k: v.contiguous() for k, v in data.items()}, str(out / DATA))
+    return data
+
+
+def build_prior(args, text, ae):
+    """LoRA (rank ``args.rank``) + fresh projections for the autoencoder's latent space on the text DiT."""
+    space = ImageLatentSpace.from_autoencoder(ae, patch_size=args.patch_size)
+    adapter = add_image_adapter(text.transformer, space, r=args.rank)
+    return space, adapter, MultimodalPrior(text.transformer, {"image": adapter})
+
+
+def learning_rate(args, step: int) -> float:
+    """Linear warm-up then cosine decay, a function of the step (exact resume)."""
+    return float(args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + np.cos(np.pi * step / args.steps)))
+
+
+def direction_losses(prior, data: dict, step: int, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text → image and image → text flow-matching losses of batch ``step`` (deterministic from the step).
+
+    Each direction has its own timestep density: the image block is conditioned on the caption and
+    learns to read it mostly at high noise, where the caption is the only information
+    (``--t2i-logit-loc``; the official pretraining loc 1.0), while captions keep the text default."""
+    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+    idx = torch.randint(data["image"].shape[0], (args.batch_size,), generator=gen)
+    t2i, _ = flow_matching_loss_image(prior, data["prompt"][idx], data["image"][idx], "text_to_image",
+                                      data["prompt_valid"][idx], cfg=FlowMatchingConfig(logit_loc=args.t2i_logit_loc),
+                                      drop_condition_prob=args.drop_prob, generator=gen)
+    i2t, _ = flow_matching_loss_image(prior, data["caption"][idx], data["image"][idx], "image_to_text",
+                                      data["caption_valid"][idx], cfg=FlowMatchingConfig(logit_loc=args.i2t_logit_loc),
+                                      drop_condition_prob=args.drop_prob, generator=gen)
+    return t2i, i2t
+
+
 def train(args) -> None:
+    """Flow-matching loop over both directions; atomic accelerate checkpoints, exact resume."""
+    from accelerate import Accelerator
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     text, ae = load_bases(args.text_model, args.autoencoder)
-    space = ImageLatentSpace.from_autoencoder(ae, patch_size=args.patch_size)
-    if (out / DATA).is_file():
-        data = torch.load(out / DATA)
-    else:
-        data = encode_dataset(text, ae, space, args.num_train, args.seed)
-        torch.save(data, out / DATA)
-    adapter = add_image_adapter(text.transformer, space, r=args.rank)
-    prior = MultimodalPrior(text.transformer, {"image": adapter})
+    space, _, prior = build_prior(args, text, ae)
+    data = load_or_encode(text, ae, space, out, args.num_train, args.seed)
     params = [p for p in prior.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    step, elapsed = 0, 0.0
-    if (out / CHECKPOINT).is_file():
-        state = torch.load(out / CHECKPOINT, weights_only=False)
-        prior.load_state_dict(state["trainable"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        step, elapsed = state["step"], state["elapsed"]
-        print(f"resumed at step {step}", flush=True)
-    fm = FlowMatchingConfig()
-    start, n = time.time() - elapsed, data["image"].shape[0]
+    accelerator = Accelerator(cpu=True)
+    prior, optimizer = accelerator.prepare(prior, torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0))
+    state = load_latest_checkpoint(accelerator, out) or {"step": 0, "elapsed": 0.0}
+    step, start = state["step"], time.time() - state["elapsed"]
     log = open(out / "log.csv", "a")
-    while step < args.steps:
-        lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + np.cos(np.pi * step / args.steps))
+    stop = min(args.steps, args.stop_at_step or args.steps)
+    while step < stop:
+        lr = learning_rate(args, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # exact resume
-        idx = torch.randint(n, (args.batch_size,), generator=gen)
-        t2i, _ = flow_matching_loss_image(prior, data["prompt"][idx], data["image"][idx], "text_to_image",
-                                          data["prompt_valid"][idx], cfg=fm, drop_condition_prob=args.drop_prob,
-                                          generator=gen)
-        i2t, _ = flow_matching_loss_image(prior, data["caption"][idx], data["image"][idx], "image_to_text",
-                                          data["caption_valid"][idx], cfg=fm, drop_condition_prob=args.drop_prob,
-                                          generator=gen)
-        loss = t2i + args.i2t_weight * i2t
+        t2i, i2t = direction_losses(prior, data, step, args)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        accelerator.backward(t2i + args.i2t_weight * i2t)
+        accelerator.clip_grad_norm_(params, 1.0)
         optimizer.step()
         step += 1
         if step % args.log_every == 0:
@@ -125,14 +154,18 @@ def train(args) -> None:
             log.write(line + "\n")
             log.flush()
             print(line, flush=True)
-        if step % args.checkpoint_every == 0 or step == args.steps:
-            trainable = {k: v for k, v in prior.state_dict().items() if "lora_" in k or k.startswith("adapters.")}
-            tmp = out / (CHECKPOINT + ".tmp")
-            torch.save({"trainable": trainable, "optimizer": optimizer.state_dict(), "step": step,
-                        "elapsed": time.time() - start}, tmp)
-            os.replace(tmp, out / CHECKPOINT)
-            if args.save_adapter_every and step % args.save_adapter_every == 0:
-                save_image_adapter(text.transformer, adapter, out / "adapter")
+        if step % args.checkpoint_every == 0 or step == stop:
+            save_checkpoint(accelerator, out, step, keep=1, extra={"elapsed": time.time() - start})
+
+
+def load_trained(args, text, ae):
+    """The prior of the latest checkpoint under ``args.out`` (trainable weights) and that checkpoint's state."""
+    checkpoint = latest_checkpoint(Path(args.out))
+    if checkpoint is None:
+        raise FileNotFoundError(f"no complete checkpoint under {Path(args.out) / 'checkpoints'}; train first.")
+    space, adapter, prior = build_prior(args, text, ae)
+    prior.load_state_dict(load_model_weights(checkpoint))
+    return adapter, read_state(checkpoint)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -187,21 +220,18 @@ def export(args) -> None:
     from ..pipelines import ColaCaptionPipeline, ColaImagePriorPipeline
 
     text, ae = load_bases(args.text_model, args.autoencoder)
-    space = ImageLatentSpace.from_autoencoder(ae, patch_size=args.patch_size)
-    adapter = add_image_adapter(text.transformer, space, r=args.rank)
-    prior = MultimodalPrior(text.transformer, {"image": adapter})
-    state = torch.load(Path(args.out) / CHECKPOINT, weights_only=False)
-    prior.load_state_dict(state["trainable"], strict=False)
+    adapter, state = load_trained(args, text, ae)
     save_image_adapter(text.transformer, adapter, args.export)
     pipe = ColaImagePriorPipeline(vae=text.vae, transformer=text.transformer, image_adapter=adapter.eval(),
                                   autoencoder=ae, scheduler=text.scheduler, tokenizer=text.tokenizer)
     pipe.set_progress_bar_config(disable=True)
     metrics = {"step": state["step"], "wall_time_s": round(state["elapsed"])}
+    captioner = ColaCaptionPipeline(**pipe.components)
     for guidance in args.eval_guidance:
-        key = f"heldout_cfg{guidance:g}"
-        metrics[key] = evaluate(pipe, ColaCaptionPipeline(**pipe.components), args.eval_num, 2024,
-                                args.eval_steps, guidance)
-        print(key, json.dumps({k: metrics[key][k] for k in ("text_to_image", "image_to_text")}), flush=True)
+        for split, seed in (("heldout", 2024), ("train", 777)):
+            key = f"{split}_cfg{guidance:g}"
+            metrics[key] = evaluate(pipe, captioner, args.eval_num, seed, args.eval_steps, guidance, split=split)
+            print(key, json.dumps({k: metrics[key][k] for k in ("text_to_image", "image_to_text")}), flush=True)
     Path(args.export, "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     save_grid(pipe, Path(args.export) / "grid.png", steps=args.eval_steps)
     if args.pipeline:
@@ -213,7 +243,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--text-model", required=True, help="ColaPipeline folder whose text VAE + DiT know the captions")
     p.add_argument("--autoencoder", required=True, help="diffusers AutoencoderKL folder (shapes world)")
-    p.add_argument("--out", required=True, help="run folder (data.pt, checkpoint.pt, log.csv); resumes if present")
+    p.add_argument("--out", required=True, help="run folder (data.safetensors, checkpoints/, log.csv); resumes from its latest checkpoint")
     p.add_argument("--steps", type=int, default=2000, help="optimiser steps")
     p.add_argument("--batch-size", type=int, default=32, help="examples per step (both directions each)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (LoRA + projections)")
@@ -223,10 +253,12 @@ def main(argv=None) -> None:
     p.add_argument("--num-train", type=int, default=8000, help="training scenes, encoded once")
     p.add_argument("--drop-prob", type=float, default=0.1, help="condition dropout (trains the CFG uncond branch)")
     p.add_argument("--i2t-weight", type=float, default=1.0, help="weight of the image → text loss")
+    p.add_argument("--t2i-logit-loc", type=float, default=1.0, help="logit-normal timestep loc of the text → image loss")
+    p.add_argument("--i2t-logit-loc", type=float, default=0.0, help="logit-normal timestep loc of the image → text loss")
     p.add_argument("--seed", type=int, default=0, help="seed of data, init and batches")
     p.add_argument("--log-every", type=int, default=25, help="steps between log lines")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
-    p.add_argument("--save-adapter-every", type=int, default=0, help="also write run/adapter every N steps (0 = no)")
+    p.add_argument("--stop-at-step", type=int, default=0, help="stop (with a checkpoint) at this step; the LR horizon stays --steps")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--export", default=None, help="write the checkpoint's adapter here and evaluate (no training)")
     p.add_argument("--pipeline", default=None, help="with --export: also save a fused image pipeline folder here")
