@@ -115,8 +115,8 @@ def cmd_clip_prior(args) -> None:
     except (FileNotFoundError, TypeError, ValueError) as err:
         raise SystemExit(f"colabridge clip-prior: {err}") from err
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    save_file({"image_embeds": out.image_embeds.contiguous(), "negative_image_embeds": out.negative_image_embeds.contiguous()},
-              args.output, metadata={"prompt": args.prompt})
+    tensors = {"image_embeds": out.image_embeds, "negative_image_embeds": out.negative_image_embeds}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, args.output, metadata={"prompt": args.prompt})
     print(f"{args.output}: image_embeds {tuple(out.image_embeds.shape)}, negative_image_embeds "
           f"{tuple(out.negative_image_embeds.shape)}")
 

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 from .latent_spaces import register_latent_space
 
+CLIP_MODALITY = "image_embeds"  # the adapter's modality name in a MultimodalPrior (training and pipeline agree)
+
 
 @register_latent_space("open_clip")
 @dataclass(frozen=True)
@@ -99,7 +101,8 @@ class ClipEmbeddingSpace:
     def patchify(self, embeds: torch.Tensor) -> torch.Tensor:
         """``(B, D)`` → ``(B, k, D/k)`` tokens (contiguous slices)."""
         if embeds.ndim != 2 or embeds.shape[1] != self.embed_dim:
-            raise ValueError(f"embeddings of shape {tuple(embeds.shape)} do not fit {self.describe()}; expected (B, {self.embed_dim}).")
+            raise ValueError(f"embeddings of shape {tuple(embeds.shape)} do not fit {self.describe()}; "
+                             f"expected (B, {self.embed_dim}).")
         return embeds.reshape(embeds.shape[0], self.num_tokens, self.token_dim)  # (B, k, D/k)
 
     def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -127,4 +130,4 @@ class ClipEmbeddingSpace:
         return self.embeds_from_tokens(tokens)
 
 
-__all__ = ["ClipEmbeddingSpace"]
+__all__ = ["CLIP_MODALITY", "ClipEmbeddingSpace"]

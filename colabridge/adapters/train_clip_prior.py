@@ -26,6 +26,7 @@ from ..data.shapes import make_examples
 from ..eval.retrieval import clip_prior_retrieval
 from ..models.clip import load_clip
 from ..training.losses import FlowMatchingConfig
+from .clip_space import CLIP_MODALITY as MODALITY
 from .clip_space import ClipEmbeddingSpace
 from .losses import flow_matching_loss_image
 from .multimodal import MultimodalPrior
@@ -33,17 +34,16 @@ from .saving import add_image_adapter, save_image_adapter
 from .train_shapes import ENCODE_BATCH, _cat_padded
 
 EVAL_SEED = 2024  # the held-out scenes every shapes-world card reports on
-MODALITY = "image_embeds"  # = pipelines.pipeline_clip_prior.IMAGE_EMBEDS
 
 
 def load_bases(text_model: str, clip: str):
     from ..pipelines import ColaPipeline
 
     text = ColaPipeline.from_pretrained(text_model)
-    embedder, clip_tokenizer = load_clip(clip)
+    embedder, _ = load_clip(clip)
     for module in (text.vae, text.transformer, embedder):
         module.requires_grad_(False)
-    return text, embedder, clip_tokenizer
+    return text, embedder
 
 
 @torch.no_grad()
@@ -75,7 +75,7 @@ def train(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
-    text, embedder, clip_tokenizer = load_bases(args.text_model, args.clip)
+    text, embedder = load_bases(args.text_model, args.clip)
     data = encode_dataset(text, embedder, args.num_train, args.seed)
     space = ClipEmbeddingSpace.from_embeddings(data["embeds"], args.num_tokens)
     adapter = add_image_adapter(text.transformer, space, r=args.rank, adapter_name=MODALITY)

@@ -23,12 +23,13 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedTokenizerBase
 
 from ..adapters import ImageAdapter, MultimodalPrior, fuse_image_adapter, load_image_adapter
+from ..adapters.clip_space import CLIP_MODALITY
 from ..models import ColaDiT, ColaTextVAE
 from ..models.clip import ColaClipEmbedder, load_clip
 from .pipeline_cola import ColaPipeline, check_components
 from .pipeline_image import MAX_NUM_IMAGES_PER_PROMPT, PriorSamplingMixin, encode_captions
 
-IMAGE_EMBEDS = "image_embeds"  # the adapter's modality name inside the MultimodalPrior
+IMAGE_EMBEDS = CLIP_MODALITY  # the adapter's modality name inside the MultimodalPrior
 EMBED_OUTPUT_TYPES = ("pt", "np")
 
 
