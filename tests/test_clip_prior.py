@@ -218,6 +218,22 @@ def test_adapter_save_load_round_trip_gives_identical_embeddings(pipe, parts, tm
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
+def test_fused_pipeline_saves_and_loads_as_a_diffusers_folder(parts, tmp_path):
+    import json
+
+    pipe = ColaClipPriorPipeline.from_parts(*parts, fuse=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["image_encoder"] == ["colabridge.models.clip", "ColaClipEmbedder"]
+    loaded = ColaClipPriorPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    kwargs = dict(num_inference_steps=STEPS, negative_prompt=None)
+    a = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).image_embeds
+    b = loaded("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).image_embeds
+    torch.testing.assert_close(a, b)
+
+
 def test_adapter_for_another_embedding_dim_raises_naming_both(pipe, parts, fixture_dir):
     other = tiny_clip(embed_dim=2 * EMBED_DIM)
     with pytest.raises(ValueError, match=rf"dim {EMBED_DIM}.*dim {2 * EMBED_DIM}"):
