@@ -22,7 +22,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedTokenizerBase
 
-from ..adapters import ImageAdapter, MultimodalPrior, fuse_image_adapter, load_image_adapter
+from ..adapters import ImageAdapter, fuse_image_adapter, load_image_adapter
 from ..adapters.clip_space import CLIP_MODALITY
 from ..models import ColaDiT, ColaTextVAE
 from ..models.clip import ColaClipEmbedder, load_clip
@@ -68,6 +68,8 @@ class ColaClipPriorPipeline(PriorSamplingMixin, DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "vae->transformer->image_encoder"
+    adapter_component = "prior_adapter"
+    modality = IMAGE_EMBEDS
 
     def __init__(self, vae: ColaTextVAE, transformer: ColaDiT, prior_adapter: ImageAdapter,
                  image_encoder: ColaClipEmbedder, scheduler: FlowMatchEulerDiscreteScheduler,
@@ -91,19 +93,6 @@ class ColaClipPriorPipeline(PriorSamplingMixin, DiffusionPipeline):
             fuse_image_adapter(text.transformer)
         return cls(vae=text.vae, transformer=text.transformer, prior_adapter=prior_adapter.eval(),
                    image_encoder=image_encoder.requires_grad_(False), scheduler=text.scheduler, tokenizer=text.tokenizer)
-
-    @property
-    def prior(self) -> MultimodalPrior:
-        """The trunk with the embedding adapter routed per token (built on demand: components may be swapped)."""
-        return MultimodalPrior(self.transformer, {IMAGE_EMBEDS: self.prior_adapter})
-
-    @property
-    def space(self):
-        return self.prior_adapter.space
-
-    @property
-    def block_size(self) -> int:
-        return self.transformer.config.block_size
 
     # ------------------------------------------------------------------ steps
     def check_inputs(self, prompts, negative_prompts, num_images_per_prompt, num_inference_steps, guidance_scale,

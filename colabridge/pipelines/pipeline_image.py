@@ -119,9 +119,42 @@ def encode_captions(vae: ColaTextVAE, tokenizer, texts: list[str], block_size: i
 
 
 class PriorSamplingMixin:
-    """Input checks, prior history streams and guided block transport shared by the pipelines that sample a
-    block of an adapter's modality through the shared engine (needs ``self.prior``, ``self.transformer``,
-    ``self.scheduler`` and ``self._execution_device``)."""
+    """The prior, input checks, history streams and guided block transport shared by the pipelines that
+    sample a block of an adapter's modality through the shared engine.
+
+    A pipeline names its adapter component (``adapter_component``) and that adapter's modality inside
+    the :class:`MultimodalPrior` (``modality``); it needs ``transformer``, ``scheduler`` components.
+    """
+
+    adapter_component: str = "image_adapter"
+    modality: str = IMAGE
+
+    @property
+    def adapter(self) -> ImageAdapter:
+        return getattr(self, self.adapter_component)
+
+    @property
+    def prior(self) -> MultimodalPrior:
+        """The trunk with the adapter routed per token (built on demand: components may be swapped)."""
+        return MultimodalPrior(self.transformer, {self.modality: self.adapter})
+
+    @property
+    def space(self):
+        return self.adapter.space
+
+    @property
+    def block_size(self) -> int:
+        return self.transformer.config.block_size
+
+    def fuse_image_adapter(self) -> None:
+        """Merge the adapter's LoRA into the DiT weights (same outputs; the pipeline can then be saved)."""
+        fuse_image_adapter(self.transformer)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
+        if getattr(self.transformer, "peft_config", None):
+            raise ValueError("the transformer still holds PEFT LoRA layers, which a ColaDiT folder cannot store; "
+                             "call pipe.fuse_image_adapter() (or build with from_parts(fuse=True)) first.")
+        return super().save_pretrained(save_directory, **kwargs)
 
     @staticmethod
     def check_sampling(num_inference_steps, guidance_scale, output_type, output_types) -> None:
@@ -199,33 +232,11 @@ class _ImageBridgePipeline(PriorSamplingMixin, DiffusionPipeline):
         return cls(vae=text.vae, transformer=text.transformer, image_adapter=image_adapter.eval(), autoencoder=ae,
                    scheduler=text.scheduler, tokenizer=text.tokenizer)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
-        if getattr(self.transformer, "peft_config", None):
-            raise ValueError("the transformer still holds PEFT LoRA layers, which a ColaDiT folder cannot store; "
-                             "call pipe.fuse_image_adapter() (or build with from_parts(fuse=True)) first.")
-        return super().save_pretrained(save_directory, **kwargs)
-
-    def fuse_image_adapter(self) -> None:
-        """Merge the LoRA into the DiT weights (same outputs; the pipeline can then be saved)."""
-        fuse_image_adapter(self.transformer)
-
     # ------------------------------------------------------------------ properties
-    @property
-    def prior(self) -> MultimodalPrior:
-        """The trunk with the image adapter routed per token (built on demand: components may be swapped)."""
-        return MultimodalPrior(self.transformer, {IMAGE: self.image_adapter})
-
-    @property
-    def space(self):
-        return self.image_adapter.space
-
-    @property
-    def block_size(self) -> int:
-        return self.transformer.config.block_size
-
     @property
     def image_size(self) -> int:
         return self.space.sample_size
+
 
 class ColaImagePriorPipeline(_ImageBridgePipeline):
     r"""Prompt → image: a text-conditioned image prior on the Cola DiT, decoded by a diffusers ``AutoencoderKL``.
