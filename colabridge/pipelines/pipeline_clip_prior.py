@@ -19,7 +19,6 @@ import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.utils import BaseOutput
-from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedTokenizerBase
 
 from ..adapters import ImageAdapter, fuse_image_adapter, load_image_adapter
@@ -27,7 +26,7 @@ from ..adapters.clip_space import CLIP_MODALITY
 from ..models import ColaDiT, ColaTextVAE
 from ..models.clip import ColaClipEmbedder, load_clip
 from .pipeline_cola import ColaPipeline, check_components
-from .pipeline_image import MAX_NUM_IMAGES_PER_PROMPT, PriorSamplingMixin, encode_captions
+from .pipeline_image import PriorSamplingMixin
 
 IMAGE_EMBEDS = CLIP_MODALITY  # the adapter's modality name inside the MultimodalPrior
 EMBED_OUTPUT_TYPES = ("pt", "np")
@@ -102,28 +101,8 @@ class ColaClipPriorPipeline(PriorSamplingMixin, DiffusionPipeline):
         if negative_prompts is not None and (len(negative_prompts) != len(prompts)
                                              or not all(isinstance(p, str) for p in negative_prompts)):
             raise ValueError(f"`negative_prompt` must be None, a str or a list of {len(prompts)} str (one per prompt).")
-        if not (isinstance(num_images_per_prompt, int) and 1 <= num_images_per_prompt <= MAX_NUM_IMAGES_PER_PROMPT):
-            raise ValueError(f"`num_images_per_prompt` must be an int in [1, {MAX_NUM_IMAGES_PER_PROMPT}], "
-                             f"got {num_images_per_prompt!r}.")
         self.check_sampling(num_inference_steps, guidance_scale, output_type, EMBED_OUTPUT_TYPES)
-        if pad_token_id is None:
-            raise ValueError("No pad id: pass `pad_token_id` or use a tokenizer with a pad token.")
-        shape = (len(prompts) * num_images_per_prompt, self.space.num_tokens, self.space.token_dim)
-        if latents is not None and tuple(latents.shape) != shape:
-            raise ValueError(f"`latents` must have shape (batch·num_images_per_prompt, tokens, token_dim) = {shape}, "
-                             f"got {tuple(latents.shape)}.")
-
-    def encode_prompt(self, prompts: list[str], num_images_per_prompt: int, pad_token_id: int):
-        """Prompt latents ``(B·n, L, C)`` (left-aligned) and ``valid`` ``(B·n, L)``, each prompt repeated ``n`` times."""
-        latents, valid = encode_captions(self.vae, self.tokenizer, prompts, self.block_size, pad_token_id)
-        return latents.repeat_interleave(num_images_per_prompt, 0), valid.repeat_interleave(num_images_per_prompt, 0)
-
-    def prepare_latents(self, batch_size: int, generator, latents: torch.Tensor | None) -> torch.Tensor:
-        """Initial noise ``(B, k, D/k)`` of the embedding block (or the user's ``latents``)."""
-        if latents is not None:
-            return latents.to(self._execution_device, torch.float32)
-        shape = (batch_size, self.space.num_tokens, self.space.token_dim)
-        return randn_tensor(shape, generator=generator, device=self._execution_device, dtype=torch.float32)
+        self.check_prompt_batch(len(prompts), num_images_per_prompt, pad_token_id, latents)
 
     def zero_image_embeds(self, batch_size: int) -> torch.Tensor:
         """The image tower's unit-norm embedding of an all-zero (preprocessed) image, ``(B, D)`` (Kandinsky's

@@ -169,6 +169,30 @@ class PriorSamplingMixin:
             if not ok:
                 raise ValueError(message)
 
+    def check_prompt_batch(self, batch_size: int, num_images_per_prompt, pad_token_id, latents) -> None:
+        """Checks shared by the prompt-conditioned pipelines (``batch_size`` prompts)."""
+        if not (isinstance(num_images_per_prompt, int) and 1 <= num_images_per_prompt <= MAX_NUM_IMAGES_PER_PROMPT):
+            raise ValueError(f"`num_images_per_prompt` must be an int in [1, {MAX_NUM_IMAGES_PER_PROMPT}], "
+                             f"got {num_images_per_prompt!r}.")
+        if pad_token_id is None:
+            raise ValueError("No pad id: pass `pad_token_id` or use a tokenizer with a pad token.")
+        shape = (batch_size * num_images_per_prompt, self.space.num_tokens, self.space.token_dim)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ValueError(f"`latents` must have shape (batch·num_images_per_prompt, tokens, token_dim) = {shape}, "
+                             f"got {tuple(latents.shape)}.")
+
+    def encode_prompt(self, prompts: list[str], num_images_per_prompt: int, pad_token_id: int):
+        """Prompt latents ``(B·n, L, C)`` (left-aligned) and ``valid`` ``(B·n, L)``, each prompt repeated ``n`` times."""
+        latents, valid = encode_captions(self.vae, self.tokenizer, prompts, self.block_size, pad_token_id)
+        return latents.repeat_interleave(num_images_per_prompt, 0), valid.repeat_interleave(num_images_per_prompt, 0)
+
+    def prepare_latents(self, batch_size: int, generator, latents: torch.Tensor | None) -> torch.Tensor:
+        """Initial noise ``(B, N, d)`` of the adapter's block (or the user's ``latents``)."""
+        if latents is not None:
+            return latents.to(self._execution_device, torch.float32)
+        shape = (batch_size, self.space.num_tokens, self.space.token_dim)
+        return randn_tensor(shape, generator=generator, device=self._execution_device, dtype=torch.float32)
+
     def new_stream(self, modality: str, batch_size: int) -> CachedStream:
         """An empty prior history whose blocks default to ``modality`` (prefills may pass another)."""
         device = self._execution_device
@@ -251,33 +275,12 @@ class ColaImagePriorPipeline(_ImageBridgePipeline):
         items = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(items, (list, tuple)) or not items or not all(isinstance(p, str) for p in items):
             raise TypeError(f"`prompt` must be a str or a non-empty list of str, got {type(prompt).__name__}.")
-        batch_size = len(items) * num_images_per_prompt if isinstance(num_images_per_prompt, int) else 0
-        if not (isinstance(num_images_per_prompt, int) and 1 <= num_images_per_prompt <= MAX_NUM_IMAGES_PER_PROMPT):
-            raise ValueError(f"`num_images_per_prompt` must be an int in [1, {MAX_NUM_IMAGES_PER_PROMPT}], "
-                             f"got {num_images_per_prompt!r}.")
         self.check_sampling(num_inference_steps, guidance_scale, output_type, IMAGE_OUTPUT_TYPES)
-        if pad_token_id is None:
-            raise ValueError("No pad id: pass `pad_token_id` or use a tokenizer with a pad token.")
-        shape = (batch_size, self.image_adapter.num_tokens, self.image_adapter.token_dim)
-        if latents is not None and tuple(latents.shape) != shape:
-            raise ValueError(f"`latents` must have shape (batch·num_images_per_prompt, tokens, token_dim) = {shape}, "
-                             f"got {tuple(latents.shape)}.")
-
-    def encode_prompt(self, prompts: list[str], num_images_per_prompt: int, pad_token_id: int):
-        """Prompt latents ``(B·n, L, C)`` and ``valid`` ``(B·n, L)``, each prompt repeated ``n`` times."""
-        latents, valid = encode_captions(self.vae, self.tokenizer, prompts, self.block_size, pad_token_id)
-        return latents.repeat_interleave(num_images_per_prompt, 0), valid.repeat_interleave(num_images_per_prompt, 0)
+        self.check_prompt_batch(len(items), num_images_per_prompt, pad_token_id, latents)
 
     def prepare_history(self, prompt_latents: torch.Tensor, valid: torch.Tensor) -> CachedStream:
         """Prior history with the prompt committed at timestep 0; later queries are image blocks."""
         return self.prompt_history(IMAGE, prompt_latents, valid)
-
-    def prepare_latents(self, batch_size: int, generator, latents: torch.Tensor | None) -> torch.Tensor:
-        """Initial noise ``(B, N, d)`` of the image block (or the user's ``latents``)."""
-        shape = (batch_size, self.image_adapter.num_tokens, self.image_adapter.token_dim)
-        if latents is not None:
-            return latents.to(self._execution_device, torch.float32)
-        return randn_tensor(shape, generator=generator, device=self._execution_device, dtype=torch.float32)
 
     def decode_image(self, tokens: torch.Tensor) -> torch.Tensor:
         """Image tokens ``(B, N, d)`` → pixels ``(B, 3, S, S)`` in about [-1, 1]."""
