@@ -31,7 +31,7 @@ from .clip_space import ClipEmbeddingSpace
 from .losses import flow_matching_loss_image
 from .multimodal import MultimodalPrior
 from .saving import add_image_adapter, save_image_adapter
-from .train_shapes import ENCODE_BATCH, _cat_padded
+from .train_shapes import ENCODE_BATCH, _cat_padded, learning_rate
 
 EVAL_SEED = 2024  # the held-out scenes every shapes-world card reports on
 
@@ -86,7 +86,7 @@ def train(args) -> dict:
     log = open(out / "log.csv", "w")
     log.write("step,seconds,lr,fm_loss\n")
     for step in range(args.steps):
-        lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + np.cos(np.pi * step / args.steps))
+        lr = learning_rate(args, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
