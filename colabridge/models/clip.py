@@ -23,12 +23,13 @@ import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
+from ..data.images import pixel_batch
+
 TOKENIZER_FOLDER = "tokenizer"
 # open_clip's default image statistics (OPENAI_DATASET_MEAN / _STD), kept in the config so a model
 # trained with other statistics states them
 DEFAULT_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 DEFAULT_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
-UINT8_MAX = 255.0
 
 
 class ColaClipEmbedder(ModelMixin, ConfigMixin):
@@ -77,21 +78,9 @@ class ColaClipEmbedder(ModelMixin, ConfigMixin):
         return (pixels - self.pixel_mean.to(pixels)) / self.pixel_std.to(pixels)  # (B, 3, S, S)
 
     def _to_unit_pixels(self, image) -> torch.Tensor:
-        size = self.image_size
         if isinstance(image, PIL.Image.Image):
             image = np.asarray(image.convert("RGB"))
-        if isinstance(image, np.ndarray):
-            if image.dtype != np.uint8 or image.shape[-1] != 3 or image.ndim not in (3, 4):
-                raise ValueError(f"array images must be uint8 (H, W, 3) or (B, H, W, 3), got {image.dtype} {image.shape}.")
-            array = image[None] if image.ndim == 3 else image
-            image = torch.from_numpy(array.copy()).permute(0, 3, 1, 2).float() / UINT8_MAX  # (B, 3, H, W)
-        if not isinstance(image, torch.Tensor):
-            raise TypeError(f"images must be PIL images, uint8 arrays or tensors, got {type(image).__name__}.")
-        pixels = image[None] if image.ndim == 3 else image
-        if pixels.ndim != 4 or pixels.shape[1] != 3 or tuple(pixels.shape[2:]) != (size, size):
-            raise ValueError(f"images must be {size}×{size} RGB (the CLIP's image_size), got shape "
-                             f"{tuple(image.shape)}; resize to {size}×{size} first.")
-        return pixels.float()
+        return pixel_batch(image, self.image_size, "CLIP's image_size", low=0.0)
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Preprocessed pixels ``(B, 3, S, S)`` → image embeddings ``(B, D)`` (unit norm if ``normalize``)."""

@@ -30,6 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..adapters import ImageAdapter, MultimodalPrior, fuse_image_adapter, load_image_adapter
 from ..adapters.multimodal import TEXT
+from ..data.images import pixel_batch
 from ..models import ColaDiT, ColaTextVAE
 from ..sampling.engine import CachedStream, guided_velocity, packed_guided_velocity, transport_block
 from ..sampling.solvers import get_solver
@@ -355,25 +356,11 @@ class ColaCaptionPipeline(_ImageBridgePipeline):
         return torch.cat(pixels).to(self._execution_device)
 
     def _to_pixels(self, image) -> torch.Tensor:
-        size = self.image_size
         if isinstance(image, PIL.Image.Image):
             if image.mode != "RGB":
                 raise ValueError(f"`image` has mode {image.mode!r}; the autoencoder reads RGB: use image.convert('RGB').")
             image = np.asarray(image)
-        if isinstance(image, np.ndarray):
-            array = image[None] if image.ndim == 3 else image
-            if array.ndim != 4 or array.shape[-1] != 3:
-                raise ValueError(f"array images must be (H, W, 3) or (B, H, W, 3) RGB, got shape {image.shape}.")
-            if array.dtype != np.uint8:
-                raise ValueError(f"array images must be uint8 in [0, 255], got dtype {array.dtype}.")
-            image = torch.from_numpy(array.copy()).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, H, W)
-        if not isinstance(image, torch.Tensor):
-            raise TypeError(f"`image` must be a PIL image, a numpy array or a torch tensor, got {type(image).__name__}.")
-        pixels = image[None] if image.ndim == 3 else image
-        if pixels.ndim != 4 or pixels.shape[1] != 3 or tuple(pixels.shape[2:]) != (size, size):
-            raise ValueError(f"images must be {size}×{size} RGB (the autoencoder's sample_size), got shape "
-                             f"{tuple(image.shape)}; resize to {size}×{size} first.")
-        return pixels.float()
+        return pixel_batch(image, self.image_size, "autoencoder's sample_size", low=-1.0)
 
     def check_inputs(self, max_new_tokens, num_inference_steps, guidance_scale, temperature, output_type,
                      repetition_penalty) -> None:
