@@ -244,6 +244,8 @@ def test_shapes_adapter_training_script_resumes_exactly_and_exports(parts, tmp_p
     """Stop at two of three steps + resume == three in one go (bit-exact weights); export + evaluation, tiny models."""
     import json
 
+    from safetensors.torch import load_file
+
     from colabridge.adapters.train_shapes import main as train_main
     from colabridge.training.checkpointing import latest_checkpoint, load_model_weights, read_state
 
@@ -267,6 +269,17 @@ def test_shapes_adapter_training_script_resumes_exactly_and_exports(parts, tmp_p
     assert metrics["train_cfg1"]["split"] == "train"
     assert PIL.Image.open(tmp_path / "adapter" / "grid.png").size == (4 * 4 * IMAGE_SIZE, 6 * 4 * IMAGE_SIZE)
     assert isinstance(load_image_pipeline(ColaCaptionPipeline, tmp_path / "pipe"), ColaCaptionPipeline)
+
+    # warm start: a zero-LR step from the exported adapter re-exports exactly its weights
+    export = ["--export", str(tmp_path / "again"), "--eval-num", "1", "--eval-steps", "1", "--eval-guidance", "1"]
+    warm = args("warm") + ["--steps", "1", "--lr", "0", "--init-adapter", str(tmp_path / "adapter")]
+    train_main(warm)
+    train_main(warm + export)
+    for name in ("adapter_model.safetensors", "projections/diffusion_pytorch_model.safetensors"):
+        a, b = (load_file(str(tmp_path / folder / name)) for folder in ("adapter", "again"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="LoRA rank 2 but --rank is 4; pass --rank 2"):
+        train_main([*args("other"), "--rank", "4", "--steps", "1", "--init-adapter", str(tmp_path / "adapter")])
 
 
 # --------------------------------------------------------------------------- shipped artifacts

@@ -35,7 +35,7 @@ from ..training.losses import FlowMatchingConfig
 from .latent_spaces import ImageLatentSpace
 from .losses import flow_matching_loss_image
 from .multimodal import MultimodalPrior
-from .saving import add_image_adapter, save_image_adapter
+from .saving import DEFAULT_ADAPTER, add_image_adapter, load_image_adapter, save_image_adapter
 
 DATA = "data.safetensors"
 ENCODE_BATCH = 256
@@ -94,10 +94,26 @@ def load_or_encode(text, ae, space: ImageLatentSpace, out: Path, num: int, seed:
 
 
 def build_prior(args, text, ae):
-    """LoRA (rank ``args.rank``) + fresh projections for the autoencoder's latent space on the text DiT."""
+    """LoRA (rank ``args.rank``) + projections for the autoencoder's latent space on the text DiT: fresh, or
+    the trainable weights of the adapter folder ``args.init_adapter`` (a warm start)."""
     space = ImageLatentSpace.from_autoencoder(ae, patch_size=args.patch_size)
-    adapter = add_image_adapter(text.transformer, space, r=args.rank)
+    if args.init_adapter:
+        adapter = warm_start(args, text.transformer, space)
+    else:
+        adapter = add_image_adapter(text.transformer, space, r=args.rank)
     return space, adapter, MultimodalPrior(text.transformer, {"image": adapter})
+
+
+def warm_start(args, transformer, space: ImageLatentSpace):
+    """Load ``args.init_adapter`` (same latent space and rank, else a ``ValueError`` naming both) as trainable."""
+    folder = Path(args.init_adapter)
+    adapter = load_image_adapter(transformer, folder, space=space)
+    rank = transformer.peft_config[DEFAULT_ADAPTER].r
+    if rank != args.rank:
+        raise ValueError(f"--init-adapter {folder} has LoRA rank {rank} but --rank is {args.rank}; pass --rank {rank}.")
+    for name, param in transformer.named_parameters():
+        param.requires_grad_("lora_" in name)
+    return adapter.requires_grad_(True)
 
 
 def learning_rate(args, step: int) -> float:
@@ -249,6 +265,8 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (LoRA + projections)")
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps, then cosine decay")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank on the DiT trunk")
+    p.add_argument("--init-adapter", default=None,
+                   help="adapter folder (from --export) whose LoRA + projections start the run instead of fresh ones")
     p.add_argument("--patch-size", type=int, default=2, help="latent pixels per image token side")
     p.add_argument("--num-train", type=int, default=8000, help="training scenes, encoded once")
     p.add_argument("--drop-prob", type=float, default=0.1, help="condition dropout (trains the CFG uncond branch)")
