@@ -118,6 +118,19 @@ def test_captions_name_every_attribute_and_vary():
     assert len({c for _, c in pairs}) > 300  # templates and paraphrases, not one fixed wording
 
 
+def test_score_caption_accepts_the_converse_reading_of_a_pair():
+    scene = Scene([SceneObject("square", "magenta", "large", (0.5, 0.7)), SceneObject("square", "blue", "large", (0.5, 0.3))],
+                  relation="below")
+    assert score_caption("a large magenta square below a big blue square", scene)["all"]
+    assert score_caption("there is a big blue square above a large magenta square", scene)["all"]
+    wrong = score_caption("a big blue square below a large magenta square", scene)  # reversed, same relation
+    assert not wrong["all"] and wrong["shape"] and wrong["size"] and not (wrong["color"] and wrong["relation"])
+    swapped = score_caption("a large blue square below a big magenta square", scene)  # colours swapped
+    assert not swapped["all"] and not swapped["color"]
+    one = score_caption("a large magenta square", scene)
+    assert not one["count"] and not one["all"]
+
+
 def test_parse_caption_paraphrases_and_unknown_words():
     parsed = parse_caption("A big blue plus sign to the left of a tiny red disc!")
     assert parsed["objects"] == [{"size": "large", "color": "blue", "shape": "cross"},

@@ -394,18 +394,32 @@ def score(image, scene: Scene) -> dict[str, bool]:
     return result
 
 
+CONVERSE = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
+
+
 def score_caption(text: str, scene: Scene) -> dict[str, bool]:
-    """Per-attribute correctness of a caption against ``scene`` (same keys as :func:`score`)."""
+    """Per-attribute correctness of a caption against ``scene`` (same keys as :func:`score`).
+
+    A two-object scene has two correct readings, "A left of B" and "B right of A": the caption's
+    objects are matched to the scene's in reading order, or reversed with the converse relation,
+    whichever agrees with more attributes (reading order on a tie).
+    """
     parsed = parse_caption(text)
     objs = parsed["objects"]
     truth = [{"shape": o.shape, "color": o.color, "size": o.size} for o in scene.objects]
+    if len(truth) == 1:
+        return _caption_result(objs, truth, "position", parsed["position"], scene.position)
+    forward = _caption_result(objs, truth, "relation", parsed["relation"], scene.relation)
+    converse = _caption_result(objs[::-1], truth, "relation", parsed["relation"], CONVERSE[scene.relation])
+    return converse if sum(converse.values()) > sum(forward.values()) else forward
+
+
+def _caption_result(objs: list[dict], truth: list[dict], key: str, named, true_value) -> dict[str, bool]:
+    """Per-attribute correctness of caption objects ``objs`` matched in order to ``truth``."""
     result = {"count": len(objs) == len(truth)}
     for attr in ("color", "shape", "size"):
         result[attr] = len(objs) == len(truth) and all(p[attr] == t[attr] for p, t in zip(objs, truth))
-    if len(truth) == 1:
-        result["position"] = parsed["position"] == scene.position
-    else:
-        result["relation"] = parsed["relation"] == scene.relation
+    result[key] = named == true_value
     result["all"] = all(result.values())
     return result
 
