@@ -85,8 +85,10 @@ def test_dit_calls_match_reference(official_pipe, reference_tensors):
                 continue
             out = dit(x[None], t[None], kv_cache=cache, commit=call["update_kv"]).sample[0]
             outs.append(out)
-        worst = max(worst, (torch.cat(outs) - call["out"]).abs().max().item())
-    assert worst < 1e-5
+        # float32 up to summation order, which varies with the CPU's SIMD kernels (8.5e-6 seen on an AMD EPYC;
+        # a wrong mask, RoPE or cache gives > 1e-2)
+        worst = max(worst, ((torch.cat(outs) - call["out"]).abs() / (1 + call["out"].abs())).max().item())
+    assert worst < 3e-5
 
 
 def test_decoder_logits_match_reference(official_pipe, reference_tensors):
