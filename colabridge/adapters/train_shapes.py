@@ -1,8 +1,8 @@
 """Train an image adapter on the shapes world (text → image and image → text in one adapter) and measure it.
 
 Reads top to bottom: load (text pipeline + AutoencoderKL, frozen) → encode the training set once →
-add LoRA + projections → flow-matching loop (both directions, condition dropout for CFG; exact
-resume from ``checkpoint.pt``) → export (PEFT adapter folder + a fused image pipeline folder) →
+add LoRA + projections (fresh, or an exported adapter's with ``--init-adapter``) → flow-matching loop
+(both directions, condition dropout for CFG; exact resume from ``out/checkpoints``) → export (PEFT adapter folder + a fused image pipeline folder) →
 evaluate on held-out (shape, colour) compositions with the exact readers.
 
 Usage::
