@@ -88,7 +88,8 @@ def cmd_caption(args) -> None:
             raise SystemExit(f"colabridge caption: cannot read {name}: {err}") from err
     try:
         out = pipe(images, max_new_tokens=args.max_new_tokens, num_inference_steps=args.steps,
-                   guidance_scale=args.guidance_scale, generator=torch.Generator().manual_seed(args.seed))
+                   guidance_scale=args.guidance_scale, generator=torch.Generator().manual_seed(args.seed),
+                   num_candidates=args.num_candidates)
     except (TypeError, ValueError) as err:
         raise SystemExit(f"colabridge caption: {err}") from err
     if len(images) == 1:
@@ -144,6 +145,9 @@ def add_image_commands(subparsers) -> None:
     caption = subparsers.add_parser("caption", help="caption image(s) (image → text)")
     caption.add_argument("image", nargs="+", help="image file(s) at the autoencoder's size, RGB")
     caption.add_argument("--max-new-tokens", type=int, default=24, help="caption token budget (whole blocks)")
+    caption.add_argument("--num-candidates", type=int, default=16,
+                         help="captions sampled per image; the one whose text → image denoising error on the image "
+                              "is lowest is printed (1 = a single sample)")
     _model_arguments(caption)
     caption.set_defaults(func=cmd_caption)
 

@@ -212,6 +212,45 @@ def test_caption_bad_images(captioner):
         captioner(image, guidance_scale=-2)
 
 
+def test_caption_candidates_keep_the_lowest_denoising_error(captioner):
+    image = rendered_images(1)[0]
+    kw = dict(max_new_tokens=8, num_inference_steps=STEPS)
+    gen = torch.Generator().manual_seed(3)
+    candidates = captioner([image] * 4, generator=gen, **kw).texts  # the same draws as num_candidates=4
+    errors = captioner.score_captions(image, candidates, generator=gen)  # then the same scoring noise
+    out = captioner(image, num_candidates=4, generator=torch.Generator().manual_seed(3), **kw)
+    assert errors.shape == (1, 4) and out.texts[0] in candidates
+    torch.testing.assert_close(out.scores, errors.min(1).values)
+    assert out.texts[0] == candidates[int(errors.argmin())]
+    assert captioner(image, generator=torch.Generator().manual_seed(3), **kw).scores is None
+    ids = captioner(image, num_candidates=4, generator=torch.Generator().manual_seed(3), output_type="ids", **kw)
+    assert ids.texts is None and ids.sequences == out.sequences and out.latents.shape[0] == 1
+
+
+def test_score_captions_shares_noise_per_image_and_depends_on_the_caption(captioner):
+    images = rendered_images(2)
+    texts = [["a red circle", "a blue square", "a red circle"], ["a green cross", "a green cross", "a cyan disc"]]
+    errors = captioner.score_captions(images, texts, score_timesteps=3, generator=torch.Generator().manual_seed(0))
+    assert errors.shape == (2, 3) and torch.isfinite(errors).all()
+    assert errors[0, 0] == errors[0, 2] and errors[1, 0] == errors[1, 1]  # same caption, same image: same error
+    assert errors[0, 0] != errors[0, 1] and errors[1, 0] != errors[1, 2]
+    again = captioner.score_captions(images, texts, score_timesteps=3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(again, errors)
+
+
+def test_caption_reranking_bad_arguments(captioner):
+    image = rendered_images(1)[0]
+    for bad in (0, 65, 2.5, True):
+        with pytest.raises(ValueError, match="num_candidates"):
+            captioner(image, num_candidates=bad)
+    with pytest.raises(ValueError, match="score_timesteps"):
+        captioner(image, num_candidates=2, score_timesteps=0)
+    with pytest.raises(ValueError, match="one non-empty list of str per image"):
+        captioner.score_captions(rendered_images(2), ["a red circle"])
+    with pytest.raises(ValueError, match="one non-empty list of str per image"):
+        captioner.score_captions(image, [])
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -226,8 +265,10 @@ def test_cli_imagine_and_caption(parts, tmp_path, capsys):
     assert PIL.Image.open(written[0]).size == (IMAGE_SIZE, IMAGE_SIZE)
     text, adapter, autoencoder = parts  # a text pipeline + adapter + autoencoder works as well
     main(["caption", str(written[0]), "--model", str(text), "--adapter", str(adapter), "--autoencoder",
-          str(autoencoder), "--steps", "2", "--max-new-tokens", "4"])
+          str(autoencoder), "--steps", "2", "--max-new-tokens", "4", "--num-candidates", "3"])
     assert capsys.readouterr().out.endswith("\n")
+    with pytest.raises(SystemExit, match="num_candidates"):
+        main(["caption", str(written[0]), "--model", str(tmp_path / "image"), "--num-candidates", "0"])
     PIL.Image.open(written[0]).resize((64, 64)).save(tmp_path / "big.png")
     with pytest.raises(SystemExit, match="32×32"):
         main(["caption", str(tmp_path / "big.png"), "--model", str(tmp_path / "image"), "--steps", "2"])
@@ -263,15 +304,17 @@ def test_shapes_adapter_training_script_resumes_exactly_and_exports(parts, tmp_p
     a, b = load_model_weights(resumed), load_model_weights(straight)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     train_main(args("resumed") + ["--steps", "3", "--export", str(tmp_path / "adapter"), "--pipeline", str(tmp_path / "pipe"),
-                                  "--eval-num", "2", "--eval-steps", "1", "--eval-guidance", "1"])
+                                  "--eval-num", "2", "--eval-steps", "1", "--eval-guidance", "1", "--eval-candidates", "2"])
     metrics = json.loads((tmp_path / "adapter" / "metrics.json").read_text())
     assert metrics["step"] == 3 and 0 <= metrics["heldout_cfg1"]["text_to_image"]["all"] <= 1
+    assert metrics["heldout_cfg1"]["image_to_text_rerank"]["num_candidates"] == 2
     assert metrics["train_cfg1"]["split"] == "train"
     assert PIL.Image.open(tmp_path / "adapter" / "grid.png").size == (4 * 4 * IMAGE_SIZE, 6 * 4 * IMAGE_SIZE)
     assert isinstance(load_image_pipeline(ColaCaptionPipeline, tmp_path / "pipe"), ColaCaptionPipeline)
 
     # warm start: a zero-LR step from the exported adapter re-exports exactly its weights
-    export = ["--export", str(tmp_path / "again"), "--eval-num", "1", "--eval-steps", "1", "--eval-guidance", "1"]
+    export = ["--export", str(tmp_path / "again"), "--eval-num", "1", "--eval-steps", "1", "--eval-guidance", "1",
+              "--eval-candidates", "1"]
     warm = args("warm") + ["--steps", "1", "--lr", "0", "--init-adapter", str(tmp_path / "adapter")]
     train_main(warm)
     train_main(warm + export)
@@ -308,3 +351,23 @@ def test_shipped_image_bridge_loads_offline_and_generates():
     assert image.size == (32, 32)
     text = ColaCaptionPipeline(**pipe.components)(image, num_inference_steps=4, max_new_tokens=8).texts[0]
     assert isinstance(text, str)
+
+
+@pytest.mark.skipif(not (ROOT / "adapters" / "shapes-image").is_dir(), reason="shapes image adapter not shipped")
+def test_shipped_adapter_scores_the_true_caption_of_heldout_images_lowest():
+    """The reranker of ``num_candidates``: the text → image error must prefer the caption that names the
+    image's colour and shape over the same caption with either changed (held-out compositions)."""
+    import dataclasses
+
+    from colabridge.data.shapes import COLORS, SHAPES, make_caption, make_examples
+    from colabridge.image_cli import default_parts
+
+    captioner = ColaCaptionPipeline(**ColaImagePriorPipeline.from_parts(*default_parts()).components)
+    scenes = [e for e in make_examples(40, seed=5, split="heldout") if len(e.scene.objects) == 1][:8]
+    for example in scenes:
+        obj = example.scene.objects[0]
+        variants = (obj, dataclasses.replace(obj, color=next(c for c in COLORS if c != obj.color)),
+                    dataclasses.replace(obj, shape=next(s for s in SHAPES if s != obj.shape)))
+        texts = [make_caption(dataclasses.replace(example.scene, objects=(v,)), np.random.default_rng(1)) for v in variants]
+        errors = captioner.score_captions(example.image, texts, generator=torch.Generator().manual_seed(0))[0]
+        assert int(errors.argmin()) == 0, (texts, errors)

@@ -13,12 +13,12 @@
 from .clip_space import ClipEmbeddingSpace
 from .image_adapter import ImageAdapter
 from .latent_spaces import LATENT_SPACES, ImageLatentSpace, latent_space_from_config, register_latent_space
-from .losses import DIRECTIONS, flow_matching_loss_image
+from .losses import DIRECTIONS, flow_matching_loss_image, text_to_image_errors
 from .multimodal import TEXT, ModalityView, MultimodalPrior, pad_tokens
 from .saving import add_image_adapter, fuse_image_adapter, load_image_adapter, save_image_adapter
 
 __all__ = [
     "ClipEmbeddingSpace", "DIRECTIONS", "ImageAdapter", "ImageLatentSpace", "LATENT_SPACES", "ModalityView", "MultimodalPrior", "TEXT",
     "add_image_adapter", "flow_matching_loss_image", "fuse_image_adapter", "latent_space_from_config", "load_image_adapter", "pad_tokens",
-    "register_latent_space", "save_image_adapter",
+    "register_latent_space", "save_image_adapter", "text_to_image_errors",
 ]

@@ -68,6 +68,25 @@ def text_to_image_velocity(prior: MultimodalPrior, text: torch.Tensor, zt: torch
     return out[:, n_txt:, : zt.shape[-1]]  # (B, N, d)
 
 
+def text_to_image_errors(prior: MultimodalPrior, text: torch.Tensor, text_valid: torch.Tensor, image: torch.Tensor,
+                         timesteps: torch.Tensor, noise: torch.Tensor, modality: str = "image") -> torch.Tensor:
+    """Denoising error ``(B,)`` of the clean image ``image`` ``(B, N, d)`` after the caption ``text`` ``(B, T, C_txt)``.
+
+    The text → image flow-matching loss at fixed points: for each ``timesteps[k]`` in (0, 1) and
+    ``noise[:, k]`` ``(B, K, N, d)``, the MSE of the predicted velocity against ``noise − image``,
+    averaged over the ``K`` points. With the same points for every caption of an image, a lower error
+    means the caption explains the image better (a diffusion classifier's score).
+    """
+    errors = torch.zeros(image.shape[0], device=image.device)
+    for k, t in enumerate(timesteps.tolist()):
+        eps = noise[:, k]
+        zt = (1 - t) * image + t * eps
+        step = torch.full((image.shape[0],), t * NUM_TRAIN_TIMESTEPS, device=image.device)
+        v = text_to_image_velocity(prior, text, zt.to(prior.dtype), step, text_valid, modality)
+        errors += (v.float() - (eps - image).float()).pow(2).mean((1, 2))
+    return errors / len(timesteps)
+
+
 def image_to_text_velocity(prior: MultimodalPrior, image: torch.Tensor, text: torch.Tensor, zt: torch.Tensor,
                            timestep: torch.Tensor, text_valid: torch.Tensor, sees_image: torch.Tensor | None = None,
                            modality: str = "image") -> torch.Tensor:

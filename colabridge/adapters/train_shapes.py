@@ -188,9 +188,12 @@ def load_trained(args, text, ae):
 
 
 @torch.no_grad()
-def evaluate(pipe, captioner, num: int, seed: int, steps: int, guidance: float, split: str = "heldout") -> dict:
+def evaluate(pipe, captioner, num: int, seed: int, steps: int, guidance: float, split: str = "heldout",
+             num_candidates: int = 1) -> dict:
     """Text → image: every attribute of the prompt read back from the image; image → text: every attribute
-    of the image named by the caption. Both on ``split`` scenes (held-out compositions by default)."""
+    of the image named by the caption. Both on ``split`` scenes (held-out compositions by default).
+    With ``num_candidates`` > 1, image → text is also scored with that many captions per image reranked
+    by the adapter's text → image denoising error (``image_to_text_rerank``)."""
     examples = make_examples(num, seed=seed, split=split, image_size=pipe.image_size)
     gen = torch.Generator().manual_seed(seed)
     images = pipe([e.caption for e in examples], num_inference_steps=steps, guidance_scale=guidance,
@@ -205,8 +208,14 @@ def evaluate(pipe, captioner, num: int, seed: int, steps: int, guidance: float, 
         return {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}
 
     samples = [{"caption": e.caption, "generated_caption": t} for e, t in zip(examples[:8], texts[:8])]
-    return {"split": split, "num": num, "steps": steps, "guidance_scale": guidance,
-            "text_to_image": mean(t2i), "image_to_text": mean(i2t), "samples": samples}
+    metrics = {"split": split, "num": num, "steps": steps, "guidance_scale": guidance,
+               "text_to_image": mean(t2i), "image_to_text": mean(i2t), "samples": samples}
+    if num_candidates > 1:
+        best = captioner([e.image for e in examples], num_inference_steps=steps, guidance_scale=guidance,
+                         generator=gen, num_candidates=num_candidates).texts
+        metrics["image_to_text_rerank"] = {"num_candidates": num_candidates,
+                                           **mean([score_caption(t, e.scene) for t, e in zip(best, examples)])}
+    return metrics
 
 
 GRID_PROMPTS = (  # held-out compositions (yellow circle, magenta square, cyan triangle, red cross) first
@@ -246,8 +255,10 @@ def export(args) -> None:
     for guidance in args.eval_guidance:
         for split, seed in (("heldout", 2024), ("train", 777)):
             key = f"{split}_cfg{guidance:g}"
-            metrics[key] = evaluate(pipe, captioner, args.eval_num, seed, args.eval_steps, guidance, split=split)
-            print(key, json.dumps({k: metrics[key][k] for k in ("text_to_image", "image_to_text")}), flush=True)
+            metrics[key] = evaluate(pipe, captioner, args.eval_num, seed, args.eval_steps, guidance, split=split,
+                                    num_candidates=args.eval_candidates)
+            print(key, json.dumps({k: v for k, v in metrics[key].items() if k.startswith(("text_to", "image_to"))}),
+                  flush=True)
     Path(args.export, "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     save_grid(pipe, Path(args.export) / "grid.png", steps=args.eval_steps)
     if args.pipeline:
@@ -282,6 +293,8 @@ def main(argv=None) -> None:
     p.add_argument("--pipeline", default=None, help="with --export: also save a fused image pipeline folder here")
     p.add_argument("--eval-num", type=int, default=200, help="held-out scenes per evaluation")
     p.add_argument("--eval-steps", type=int, default=16, help="solver steps per block in evaluation")
+    p.add_argument("--eval-candidates", type=int, default=16,
+                   help="captions per image for the reranked image → text score (1 skips it)")
     p.add_argument("--eval-guidance", type=float, nargs="+", default=[1.0, 3.0], help="CFG scales to evaluate")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -10,7 +10,11 @@ under history-vs-alone CFG (spec §5.4 step 3) — no second sampler.
   ``AutoencoderKL`` decodes it.
 * image → text: the image's tokens are prefilled as one image block; caption blocks follow, each
   transported, decoded by the text VAE's cached decoder, turned into ids and committed, as in
-  :class:`~colabridge.ColaPipeline`.
+  :class:`~colabridge.ColaPipeline`. With ``num_candidates`` > 1 several captions are sampled and the
+  one the adapter's *other* direction finds most likely is kept: the text → image flow-matching error
+  of the image's latents after each caption, at fixed timesteps and shared noise
+  (:meth:`ColaCaptionPipeline.score_captions`, a diffusion classifier as in Li et al. 2023, "Your
+  Diffusion Model is Secretly a Zero-Shot Classifier").
 """
 
 from __future__ import annotations
@@ -28,20 +32,22 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedTokenizerBase
 
-from ..adapters import ImageAdapter, MultimodalPrior, fuse_image_adapter, load_image_adapter
+from ..adapters import ImageAdapter, MultimodalPrior, fuse_image_adapter, load_image_adapter, text_to_image_errors
 from ..adapters.multimodal import TEXT
 from ..data.images import pixel_batch
 from ..models import ColaDiT, ColaTextVAE
 from ..sampling.engine import CachedStream, guided_velocity, packed_guided_velocity, transport_block
 from ..sampling.solvers import get_solver
 from ..sampling.tokens import select_tokens
-from .pipeline_cola import ColaPipeline, check_components
+from .pipeline_cola import ColaPipeline, _is_int, check_components
 from .prompting import pad_to_blocks
 
 IMAGE = "image"  # the adapter's modality name inside the MultimodalPrior
 IMAGE_OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 CAPTION_OUTPUT_TYPES = ("text", "ids", "latent")
 MAX_NUM_IMAGES_PER_PROMPT = 64
+MAX_NUM_CANDIDATES = 64
+SCORE_CHUNK = 256  # (caption, image) pairs per scoring forward
 
 
 @dataclass
@@ -68,12 +74,15 @@ class ColaCaptionPipelineOutput(BaseOutput):
         sequences: generated ids per image, up to (excluding) the first stop id; ``None`` for ``"latent"``.
         latents: ``(B, n_blocks·block_size, C)`` transported caption latents.
         finished: ``(B,)`` whether each caption produced a stop id.
+        scores: ``(B,)`` the chosen caption's text → image denoising error when ``num_candidates > 1``
+            (lower explains the image better), else ``None``.
     """
 
     texts: list[str] | None
     sequences: list[list[int]] | None
     latents: torch.Tensor
     finished: torch.BoolTensor
+    scores: torch.Tensor | None = None
 
 
 def check_image_components(transformer: ColaDiT, image_adapter: ImageAdapter, autoencoder: AutoencoderKL) -> None:
@@ -363,12 +372,15 @@ class ColaCaptionPipeline(_ImageBridgePipeline):
         return pixel_batch(image, self.image_size, "autoencoder's sample_size", low=-1.0)
 
     def check_inputs(self, max_new_tokens, num_inference_steps, guidance_scale, temperature, output_type,
-                     repetition_penalty) -> None:
+                     repetition_penalty, num_candidates=1, score_timesteps=8) -> None:
         self.check_sampling(num_inference_steps, guidance_scale, output_type, CAPTION_OUTPUT_TYPES)
         checks = [
             (isinstance(max_new_tokens, int) and max_new_tokens > 0, f"`max_new_tokens` must be a positive int, got {max_new_tokens!r}."),
             (temperature >= 0, f"`temperature` must be >= 0 (0 = greedy), got {temperature}."),
             (repetition_penalty > 0, f"`repetition_penalty` must be > 0 (1 disables it), got {repetition_penalty}."),
+            (_is_count(num_candidates, MAX_NUM_CANDIDATES),
+             f"`num_candidates` must be an int in [1, {MAX_NUM_CANDIDATES}] (1 = no reranking), got {num_candidates!r}."),
+            (_is_count(score_timesteps, 1000), f"`score_timesteps` must be an int in [1, 1000], got {score_timesteps!r}."),
         ]
         for ok, message in checks:
             if not ok:
@@ -407,6 +419,8 @@ class ColaCaptionPipeline(_ImageBridgePipeline):
         return_dict: bool = True,
         solver: str = "euler",
         packed_cfg: bool = True,
+        num_candidates: int = 1,
+        score_timesteps: int = 8,
     ):
         r"""Caption ``image``; returns :class:`ColaCaptionPipelineOutput`.
 
@@ -419,12 +433,16 @@ class ColaCaptionPipeline(_ImageBridgePipeline):
             temperature, top_k, top_p, repetition_penalty, generator: token choice (``select_tokens``).
             stop_token_ids: a caption ends at its first stop id (default: the tokenizer's eos).
             output_type: ``"text"``, ``"ids"`` or ``"latent"``.
+            num_candidates: captions sampled per image; with more than 1, the one whose text → image
+                denoising error on the image is lowest is returned (:meth:`score_captions`, the adapter's
+                other direction as a diffusion classifier).
+            score_timesteps: timesteps of that error (midpoints of equal bins of (0, 1)).
         """
-        # 0. inputs; 1. image → tokens; 2. prefill the image block
+        # 0. inputs; 1. image → tokens (each repeated per candidate); 2. prefill the image block
         self.check_inputs(max_new_tokens, num_inference_steps, guidance_scale, temperature, output_type,
-                          repetition_penalty)
+                          repetition_penalty, num_candidates, score_timesteps)
         image_tokens = self.encode_image(self.preprocess(image))
-        prior, decoder = self.prepare_history(image_tokens)
+        prior, decoder = self.prepare_history(image_tokens.repeat_interleave(num_candidates, 0))
         stop = torch.tensor(self.default_stop_ids() if stop_token_ids is None else list(stop_token_ids), dtype=torch.long)
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
                         generator=generator)
@@ -432,9 +450,13 @@ class ColaCaptionPipeline(_ImageBridgePipeline):
         ids, latents, finished = self.caption_blocks(prior, decoder, -(-max_new_tokens // self.block_size), stop,
                                                      sampling, guidance_scale, solver, num_inference_steps,
                                                      packed_cfg, generator)
-        # 4. postprocess
+        # 4. postprocess; 5. keep the best candidate per image
+        if num_candidates == 1:
+            output = self.postprocess(ids, latents, finished, stop, output_type)
+        else:
+            candidates = self.postprocess(ids, latents, finished, stop, "text")
+            output = self.choose(candidates, image_tokens, score_timesteps, generator, output_type)
         self.maybe_free_model_hooks()
-        output = self.postprocess(ids, latents, finished, stop, output_type)
         return output if return_dict else output.to_tuple()
 
     def caption_blocks(self, prior, decoder, num_blocks, stop, sampling, guidance_scale, solver, steps, packed_cfg,
@@ -457,6 +479,65 @@ class ColaCaptionPipeline(_ImageBridgePipeline):
             prior.query(z, torch.zeros(z.shape[:2], device=device), commit=True)
         return ids, torch.cat(blocks, 1), finished
 
+    def choose(self, candidates: ColaCaptionPipelineOutput, image_tokens: torch.Tensor, score_timesteps: int,
+               generator, output_type: str) -> ColaCaptionPipelineOutput:
+        """The candidate caption ``(B·n)`` with the lowest denoising error on its image, per image ``(B)``."""
+        bsz = image_tokens.shape[0]
+        num = len(candidates.texts) // bsz
+        texts = [candidates.texts[i * num:(i + 1) * num] for i in range(bsz)]
+        errors = self.caption_errors(image_tokens, texts, score_timesteps, generator)  # (B, n)
+        scores, best = errors.min(1)
+        rows = torch.arange(bsz, device=best.device) * num + best  # (B,)
+        keep = rows.tolist()
+        return ColaCaptionPipelineOutput(
+            texts=[candidates.texts[i] for i in keep] if output_type == "text" else None,
+            sequences=[candidates.sequences[i] for i in keep] if output_type != "latent" else None,
+            latents=candidates.latents[rows], finished=candidates.finished[rows], scores=scores)
+
+    @torch.no_grad()
+    def score_captions(self, image, captions: list[str] | list[list[str]], score_timesteps: int = 8,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        r"""How well each caption explains its image: ``(B, n)`` text → image denoising errors (lower is better).
+
+        The adapter's text → image direction as a diffusion classifier: the flow-matching error of
+        the image's latents with each caption as history, at ``score_timesteps`` fixed timesteps and
+        noise shared by all captions of an image (so differences come from the captions alone).
+
+        Args:
+            image: as in :meth:`__call__`, ``B`` images.
+            captions: ``n`` captions per image: a list of ``B`` equally long lists, or (one image) a list of str.
+        """
+        image_tokens = self.encode_image(self.preprocess(image))
+        if captions and all(isinstance(c, str) for c in captions):
+            captions = [captions]
+        sizes = {len(c) for c in captions} if isinstance(captions, (list, tuple)) else set()
+        if len(captions) != image_tokens.shape[0] or len(sizes) != 1 or 0 in sizes:
+            raise ValueError(f"`captions` must hold one non-empty list of str per image, all of the same length "
+                             f"({image_tokens.shape[0]} image(s)); got {captions!r:.200}.")
+        if not _is_count(score_timesteps, 1000):
+            raise ValueError(f"`score_timesteps` must be an int in [1, 1000], got {score_timesteps!r}.")
+        return self.caption_errors(image_tokens, [list(c) for c in captions], score_timesteps, generator)
+
+    def caption_errors(self, image_tokens: torch.Tensor, texts: list[list[str]], score_timesteps: int,
+                       generator) -> torch.Tensor:
+        """``(B, n)`` denoising errors of ``texts[b]`` on image tokens ``(B, N, d)``; a caption repeated for
+        the same image is scored once."""
+        bsz, device = image_tokens.shape[0], image_tokens.device
+        noise = randn_tensor((bsz, score_timesteps) + tuple(image_tokens.shape[1:]), generator=generator,
+                             device=device, dtype=torch.float32)
+        timesteps = (torch.arange(score_timesteps, dtype=torch.float64) + 0.5) / score_timesteps
+        pairs = list(dict.fromkeys((b, t) for b, row in enumerate(texts) for t in row))
+        errors = {}
+        for start in range(0, len(pairs), SCORE_CHUNK):
+            chunk = pairs[start:start + SCORE_CHUNK]
+            rows = torch.tensor([b for b, _ in chunk], device=device)
+            latents, valid = encode_captions(self.vae, self.tokenizer, [t for _, t in chunk], self.block_size,
+                                             self.tokenizer.pad_token_id)
+            out = text_to_image_errors(self.prior, latents, valid, image_tokens[rows], timesteps, noise[rows],
+                                       self.modality)
+            errors.update(zip(chunk, out.tolist()))
+        return torch.tensor([[errors[(b, t)] for t in row] for b, row in enumerate(texts)])
+
     def postprocess(self, ids, latents, finished, stop, output_type) -> ColaCaptionPipelineOutput:
         if output_type == "latent":
             return ColaCaptionPipelineOutput(None, None, latents, finished)
@@ -469,6 +550,10 @@ class ColaCaptionPipeline(_ImageBridgePipeline):
         if output_type == "text":
             texts = [t.strip() for t in self.tokenizer.batch_decode(sequences, skip_special_tokens=True)]
         return ColaCaptionPipelineOutput(texts, sequences, latents, finished)
+
+
+def _is_count(x, high: int) -> bool:
+    return _is_int(x) and 1 <= x <= high
 
 
 def load_image_pipeline(cls, model: str | os.PathLike, adapter: str | os.PathLike | None = None,
