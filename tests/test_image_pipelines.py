@@ -249,6 +249,11 @@ def test_caption_reranking_bad_arguments(captioner):
         captioner.score_captions(rendered_images(2), ["a red circle"])
     with pytest.raises(ValueError, match="one non-empty list of str per image"):
         captioner.score_captions(image, [])
+    with pytest.raises(ValueError, match="one non-empty list of str per image"):
+        captioner.score_captions(rendered_images(2), [["a red circle"], [3]])
+    one = captioner.score_captions(image, "a red circle", generator=torch.Generator().manual_seed(0))
+    assert one.shape == (1, 1)
+    torch.testing.assert_close(one, captioner.score_captions(image, [["a red circle"]], generator=torch.Generator().manual_seed(0)))
 
 
 # --------------------------------------------------------------------------- CLI

@@ -505,13 +505,15 @@ class ColaCaptionPipeline(_ImageBridgePipeline):
 
         Args:
             image: as in :meth:`__call__`, ``B`` images.
-            captions: ``n`` captions per image: a list of ``B`` equally long lists, or (one image) a list of str.
+            captions: ``n`` captions per image: a list of ``B`` equally long lists of str, or (one image) a
+                list of str or a str.
         """
         image_tokens = self.encode_image(self.preprocess(image))
-        if captions and all(isinstance(c, str) for c in captions):
-            captions = [captions]
-        sizes = {len(c) for c in captions} if isinstance(captions, (list, tuple)) else set()
-        if len(captions) != image_tokens.shape[0] or len(sizes) != 1 or 0 in sizes:
+        if isinstance(captions, str) or (captions and all(isinstance(c, str) for c in captions)):
+            captions = [[captions] if isinstance(captions, str) else captions]
+        rows = captions if isinstance(captions, (list, tuple)) else []
+        sizes = {len(c) if isinstance(c, (list, tuple)) and all(isinstance(t, str) for t in c) else 0 for c in rows}
+        if len(rows) != image_tokens.shape[0] or len(sizes) != 1 or 0 in sizes:
             raise ValueError(f"`captions` must hold one non-empty list of str per image, all of the same length "
                              f"({image_tokens.shape[0]} image(s)); got {captions!r:.200}.")
         if not _is_count(score_timesteps, 1000):
