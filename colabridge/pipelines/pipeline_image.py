@@ -380,7 +380,7 @@ class ColaCaptionPipeline(_ImageBridgePipeline):
             (repetition_penalty > 0, f"`repetition_penalty` must be > 0 (1 disables it), got {repetition_penalty}."),
             (_is_count(num_candidates, MAX_NUM_CANDIDATES),
              f"`num_candidates` must be an int in [1, {MAX_NUM_CANDIDATES}] (1 = no reranking), got {num_candidates!r}."),
-            (_is_count(score_timesteps, 1000), f"`score_timesteps` must be an int in [1, 1000], got {score_timesteps!r}."),
+            _score_timesteps_check(score_timesteps),
         ]
         for ok, message in checks:
             if not ok:
@@ -516,8 +516,9 @@ class ColaCaptionPipeline(_ImageBridgePipeline):
         if len(rows) != image_tokens.shape[0] or len(sizes) != 1 or 0 in sizes:
             raise ValueError(f"`captions` must hold one non-empty list of str per image, all of the same length "
                              f"({image_tokens.shape[0]} image(s)); got {captions!r:.200}.")
-        if not _is_count(score_timesteps, 1000):
-            raise ValueError(f"`score_timesteps` must be an int in [1, 1000], got {score_timesteps!r}.")
+        ok, message = _score_timesteps_check(score_timesteps)
+        if not ok:
+            raise ValueError(message)
         return self.caption_errors(image_tokens, [list(c) for c in captions], score_timesteps, generator)
 
     def caption_errors(self, image_tokens: torch.Tensor, texts: list[list[str]], score_timesteps: int,
@@ -538,7 +539,7 @@ class ColaCaptionPipeline(_ImageBridgePipeline):
             out = text_to_image_errors(self.prior, latents, valid, image_tokens[rows], timesteps, noise[rows],
                                        self.modality)
             errors.update(zip(chunk, out.tolist()))
-        return torch.tensor([[errors[(b, t)] for t in row] for b, row in enumerate(texts)])
+        return torch.tensor([[errors[(b, t)] for t in row] for b, row in enumerate(texts)], device=device)
 
     def postprocess(self, ids, latents, finished, stop, output_type) -> ColaCaptionPipelineOutput:
         if output_type == "latent":
@@ -556,6 +557,10 @@ class ColaCaptionPipeline(_ImageBridgePipeline):
 
 def _is_count(x, high: int) -> bool:
     return _is_int(x) and 1 <= x <= high
+
+
+def _score_timesteps_check(score_timesteps) -> tuple[bool, str]:
+    return _is_count(score_timesteps, 1000), f"`score_timesteps` must be an int in [1, 1000], got {score_timesteps!r}."
 
 
 def load_image_pipeline(cls, model: str | os.PathLike, adapter: str | os.PathLike | None = None,
