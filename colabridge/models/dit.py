@@ -164,7 +164,10 @@ class TimestepEmbeddings:
 class ColaDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
     r"""Block-causal DiT prior p_ψ over text latents (bidirectional within a block, causal across).
 
-    Config fields are exactly those of the official ``ColaDiTConfig`` (spec §2.2).
+    Config fields are those of the official ``ColaDiTConfig`` (spec §2.2), plus one colabridge option:
+    ``self_condition`` adds ``sc_in``, a zero-initialised input projection of the previous estimate of the
+    clean latents (self-conditioning, Chen et al. 2022), so official checkpoints load unchanged and a
+    converted model starts from the same outputs.
     """
 
     config_name = "config.json"
@@ -186,10 +189,12 @@ class ColaDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         patch_size: int = 1,
         rope_dim: int = 96,
         block_size: int = 4,
+        self_condition: bool = False,
     ):
         super().__init__()
         _check_dit_config(self.config)
         self.txt_in = Linear1D(txt_in_channels * patch_size, txt_dim)
+        self.sc_in = Linear1D(txt_in_channels * patch_size, txt_dim) if self_condition else None
         self.emb_in = TimestepMLP(txt_dim, emb_dim)
         self.blocks = nn.ModuleList([ColaDiTBlock(self.config) for _ in range(num_layers)])
         self.txt_out_norm = nn.LayerNorm(txt_dim, eps=norm_eps)
@@ -210,7 +215,8 @@ class ColaDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
             for mod in (block.ada.msa_in, block.ada.msa_out, block.ada.mlp_in, block.ada.mlp_out):
                 nn.init.zeros_(mod[1].weight)
                 nn.init.zeros_(mod[1].bias)
-        for layer in (self.txt_out_ada.out_in[1], self.txt_out.proj):
+        zero = [self.txt_out_ada.out_in[1], self.txt_out.proj] + ([self.sc_in.proj] if self.sc_in is not None else [])
+        for layer in zero:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -240,6 +246,7 @@ class ColaDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
         commit: bool = False,
         attention_mask: torch.Tensor | None = None,
         rotary_tables: tuple[torch.Tensor, torch.Tensor] | None = None,
+        self_cond: torch.Tensor | None = None,
         return_dict: bool = True,
     ):
         r"""Velocity field v_ψ(z_t, t; history) for queries ``sample`` ``(B, L, C_in)``.
@@ -255,8 +262,15 @@ class ColaDiT(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 (e.g. the training-time "clean copy beside noisy copy" mask).
             rotary_tables: precomputed :meth:`rotary_tables` of ``position_ids`` (samplers reuse them
                 for every step of a block).
+            self_cond: ``(B, L, C_in)`` previous estimate of the clean latents (zeros when None), read
+                only by a ``self_condition`` model; history tokens carry their own clean values.
         """
         x = self.txt_in(self._patchify(sample))  # (B, L, D)
+        if self.sc_in is not None:
+            x = x + self.sc_in(self._patchify(torch.zeros_like(sample) if self_cond is None else self_cond.to(sample.dtype)))
+        elif self_cond is not None:
+            raise ValueError("self_cond was given, but this ColaDiT has self_condition=False; drop the argument or "
+                             "build the model with self_condition=True.")
         bsz, n, _ = x.shape
         if position_ids is None:
             position_ids = next_positions(kv_cache, bsz, n, x.device)

@@ -240,9 +240,19 @@ class ColaPipeline(DiffusionPipeline, ColaLoraLoaderMixin):
         if plan.prefix_valid.any():
             prefix = plan.prefix.to(device)
             valid = plan.prefix_valid.to(device)
-            prior.prefill(round_to(prefix, rounding), valid, torch.zeros(valid.shape, device=device))
+            prefix_r = round_to(prefix, rounding)
+            prior.prefill(prefix_r, valid, torch.zeros(valid.shape, device=device), **self._history_kwargs(prefix_r))
             decoder.prefill(prefix, valid)
         return prior, decoder
+
+    @property
+    def self_conditioned(self) -> bool:
+        """True for a prior trained with self-conditioning (``transformer.config.self_condition``)."""
+        return bool(getattr(self.transformer.config, "self_condition", False))
+
+    def _history_kwargs(self, latents: torch.Tensor) -> dict:
+        """Committed history is clean: a self-conditioned prior reads its own values as the estimate."""
+        return {"self_cond": latents} if self.self_conditioned else {}
 
     def _numerics(self, autocast_dtype: torch.dtype | None):
         """``torch.autocast`` on the execution device's type, or a no-op context."""
@@ -403,7 +413,8 @@ class ColaPipeline(DiffusionPipeline, ColaLoraLoaderMixin):
                     active, z = active[keep], z[keep]
                     run.prior.select(keep.nonzero().squeeze(1))
                     run.decoder.select(keep.nonzero().squeeze(1))
-                run.prior.query(round_to(z, run.rounding), torch.zeros(z.shape[:2], device=device), commit=True)
+                z_r = round_to(z, run.rounding)
+                run.prior.query(z_r, torch.zeros(z.shape[:2], device=device), commit=True, **self._history_kwargs(z_r))
 
     def transport_block(self, run: "_Run", noise: torch.Tensor, guidance: torch.Tensor, block: int, bar) -> torch.Tensor:
         """Transport one block of the active samples from noise to latents with the shared engine."""
@@ -413,7 +424,8 @@ class ColaPipeline(DiffusionPipeline, ColaLoraLoaderMixin):
             pinned, values = plan.pinned.to(device), plan.pinned_values.to(device)
         make = packed_guided_velocity if run.packed_cfg else guided_velocity
         extra = (noise.shape[1],) if run.packed_cfg else ()
-        velocity = make(self.transformer, run.prior, guidance, *extra, input_rounding=run.rounding)
+        velocity = make(self.transformer, run.prior, guidance, *extra, input_rounding=run.rounding,
+                        self_condition=self.self_conditioned)
         offset = block * run.solver.model_calls(run.num_steps)
         on_step = self._step_callback(run.callback, run.callback_inputs, offset, bar)
         return transport_block(velocity, noise, run.scheduler, run.solver.schedule(run.num_steps), pinned, values, on_step)

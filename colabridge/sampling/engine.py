@@ -64,27 +64,50 @@ class CachedStream:
         return out
 
 
+class SelfCondition:
+    """Self-conditioning state of one block: the last clean estimate ``ẑ0 = z_t − σ·v`` (zeros before
+    the first model call), fed back to a prior trained with it. Pinned tokens (σ = 0) read their values."""
+
+    def __init__(self, enabled: bool, input_rounding: torch.dtype | None = None):
+        self.enabled, self.rounding, self.z0 = enabled, input_rounding, None
+
+    def kwargs(self, latents: torch.Tensor, dtype: torch.dtype, copies: int = 1) -> dict:
+        """Extra prior arguments for ``latents`` ``(B, L, C)`` repeated ``copies`` times along L."""
+        if not self.enabled:
+            return {}
+        z0 = torch.zeros_like(latents) if self.z0 is None else self.z0
+        return {"self_cond": round_to(z0.repeat(1, copies, 1), self.rounding).to(dtype)}
+
+    def update(self, latents: torch.Tensor, timesteps: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            self.z0 = latents - timesteps[..., None] / NUM_TRAIN_TIMESTEPS * v
+        return v
+
+
 def guided_velocity(
     prior: Callable,
     history: CachedStream,
     guidance_scale: torch.Tensor,
     input_rounding: torch.dtype | None = None,
+    self_condition: bool = False,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Velocity function ``v(latents (B,L,C), timesteps (B,L))`` with history-vs-alone CFG.
 
     ``v = s·(cond − uncond) + uncond`` with ``s`` = ``guidance_scale`` ``(B,)``. *uncond* is the same
     block with no history at positions ``0…L−1``. ``input_rounding`` rounds latents and timesteps
-    before the prior (bf16 in the official algorithm, spec §5.5).
+    before the prior (bf16 in the official algorithm, spec §5.5). ``self_condition``: both branches
+    read the guided clean estimate of the previous call (:class:`SelfCondition`).
     """
     scale = guidance_scale[:, None, None]
-
     dtype = prior.dtype
+    sc = SelfCondition(self_condition, input_rounding)
 
     def velocity(latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         x, t = round_to(latents, input_rounding).to(dtype), round_to(timesteps, input_rounding)
-        cond = history.query(x, t).sample.float()
-        uncond = prior(x, t).sample.float()
-        return scale * (cond - uncond) + uncond
+        kw = sc.kwargs(latents, dtype)
+        cond = history.query(x, t, **kw).sample.float()
+        uncond = prior(x, t, **kw).sample.float()
+        return sc.update(latents, timesteps, scale * (cond - uncond) + uncond)
 
     return velocity
 
@@ -110,6 +133,7 @@ def packed_guided_velocity(
     guidance_scale: torch.Tensor,
     block_len: int,
     input_rounding: torch.dtype | None = None,
+    self_condition: bool = False,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """:func:`guided_velocity` in ONE prior forward per step.
 
@@ -123,13 +147,15 @@ def packed_guided_velocity(
     rope = prior.rotary_tables(positions)
     scale = guidance_scale[:, None, None]
     dtype = history.dtype
+    sc = SelfCondition(self_condition, input_rounding)
 
     def velocity(latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         x = round_to(torch.cat((latents, latents), 1), input_rounding).to(dtype)
         t = round_to(torch.cat((timesteps, timesteps), 1), input_rounding)
-        out = prior(x, t, position_ids=positions, kv_cache=history.cache, attention_mask=mask, rotary_tables=rope).sample.float()
+        out = prior(x, t, position_ids=positions, kv_cache=history.cache, attention_mask=mask, rotary_tables=rope,
+                    **sc.kwargs(latents, dtype, copies=2)).sample.float()
         cond, uncond = out.split(block_len, dim=1)
-        return scale * (cond - uncond) + uncond
+        return sc.update(latents, timesteps, scale * (cond - uncond) + uncond)
 
     return velocity
 
@@ -168,5 +194,5 @@ def transport_block(
     return latents
 
 
-__all__ = ["CachedStream", "NUM_TRAIN_TIMESTEPS", "guided_velocity", "packed_cfg_mask", "packed_guided_velocity",
+__all__ = ["CachedStream", "NUM_TRAIN_TIMESTEPS", "SelfCondition", "guided_velocity", "packed_cfg_mask", "packed_guided_velocity",
            "pin", "round_to", "transport_block"]

@@ -64,6 +64,8 @@ class FlowMatchingConfig:
         block_size_probs: probabilities of ``block_sizes`` (uniform when empty).
         prompt_block_prob: probability that a block's first ``s`` noisy tokens are made clean
             (t = 0, no loss), simulating the pinned partial prompt block of inference.
+        self_condition_prob: for a DiT with ``self_condition``, the fraction of rows whose noisy copy
+            reads the model's own no-gradient estimate of z0 (the rest read zeros), as in Chen et al. 2022.
     """
 
     timestep_density: str = "logit_normal"
@@ -72,6 +74,7 @@ class FlowMatchingConfig:
     block_sizes: list[int] = field(default_factory=list)
     block_size_probs: list[float] = field(default_factory=list)
     prompt_block_prob: float = 0.05
+    self_condition_prob: float = 0.5
 
     def __post_init__(self):
         if self.timestep_density not in TIMESTEP_DENSITIES:
@@ -281,27 +284,48 @@ def flow_matching_loss(
     zt = (1 - tt[..., None]) * z0 + tt[..., None] * z1  # (B, L, C)
     target = z1 - z0
     valid = torch.ones(bsz, length, dtype=torch.bool, device=device) if valid is None else valid.bool()
-    out = two_l_velocity(dit, z0, zt.to(z0.dtype), tt * NUM_TRAIN_TIMESTEPS, block, valid)
+    zt, steps = zt.to(z0.dtype), tt * NUM_TRAIN_TIMESTEPS
+    sc = None
+    if getattr(dit.config, "self_condition", False):
+        sc = self_condition_estimate(dit, z0, zt, steps, block, valid, cfg.self_condition_prob, generator)
+    out = two_l_velocity(dit, z0, zt, steps, block, valid, self_cond=sc)
     weights = valid & ~pinned if loss_mask is None else loss_mask.bool() & valid & ~pinned
     mse = (out.float() - target.float()).pow(2).mean(-1)  # (B, L)
     loss = masked_mean(mse, weights)
     return loss, {"fm": loss.detach(), "t_mean": t.mean().detach()}
 
 
+def self_condition_estimate(dit, z0: torch.Tensor, zt: torch.Tensor, timestep: torch.Tensor, block_size,
+                            valid: torch.Tensor, prob: float, generator=None) -> torch.Tensor:
+    """Self-conditioning input of the noisy copy ``(B, L, C)``: ``ẑ0 = z_t − σ·v̂`` from a no-gradient pass
+    that reads zeros, for a ``prob`` fraction of rows; zeros for the others (the sampler's first step)."""
+    with torch.no_grad():
+        v = two_l_velocity(dit, z0, zt, timestep, block_size, valid)
+        z0_hat = zt - timestep[..., None] / NUM_TRAIN_TIMESTEPS * v.to(zt.dtype)
+    use = torch.rand(zt.shape[0], generator=generator, device=zt.device) < prob  # (B,)
+    return torch.where(use[:, None, None], z0_hat, torch.zeros_like(z0_hat))
+
+
 def two_l_velocity(dit, z0: torch.Tensor, zt: torch.Tensor, timestep: torch.Tensor,
-                   block_size: int | torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+                   block_size: int | torch.Tensor, valid: torch.Tensor | None = None,
+                   self_cond: torch.Tensor | None = None) -> torch.Tensor:
     """DiT velocity on the noisy half of ``[z0 | z_t]`` ``(B, L, C)`` under :func:`two_l_mask`.
 
     ``timestep`` ``(B, L)`` on the 0…1000 scale for the noisy copy; the clean copy runs at 0. Equal to
-    running the DiT block by block with a KV cache of the clean history (tested).
+    running the DiT block by block with a KV cache of the clean history (tested). For a
+    ``self_condition`` DiT the clean copy reads itself and the noisy copy ``self_cond`` (zeros if None),
+    as the sampler commits history with its own values.
     """
     bsz, length, _ = z0.shape
     pos = torch.arange(length, device=z0.device).expand(bsz, length)  # (B, L)
     valid = torch.ones(bsz, length, dtype=torch.bool, device=z0.device) if valid is None else valid.bool()
     sample = torch.cat((z0, zt), dim=1)  # (B, 2L, C)
     steps = torch.cat((torch.zeros_like(timestep), timestep), dim=1)  # (B, 2L)
+    kwargs = {}
+    if getattr(dit.config, "self_condition", False):
+        kwargs["self_cond"] = torch.cat((z0, torch.zeros_like(zt) if self_cond is None else self_cond), dim=1)
     out = dit(sample, steps, position_ids=torch.cat((pos, pos), 1), valid=torch.cat((valid, valid), 1),
-              attention_mask=two_l_mask(pos, block_size, valid)).sample
+              attention_mask=two_l_mask(pos, block_size, valid), **kwargs).sample
     return out[:, length:]  # (B, L, C)
 
 

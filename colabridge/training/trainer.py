@@ -76,7 +76,8 @@ class TrainConfig:
             (a LoRA adapter on the DiT of ``init_pipeline``, everything else frozen).
         vae, dit: constructor kwargs of a fresh :class:`ColaTextVAE` / :class:`ColaDiT`
             (``vocab_size`` defaults to the tokenizer's size).
-        init_vae, init_dit: folders saved by ``save_pretrained`` to start from instead.
+        init_vae, init_dit: folders saved by ``save_pretrained`` to start from instead; with ``init_dit``,
+            ``dit`` may add config options whose new weights start at their own init (``self_condition``).
         init_pipeline: a pipeline folder (``vae/``, ``transformer/``, ``tokenizer/``); the base of ``"lora"``.
         lora: :func:`colabridge.training.lora.lora_config` kwargs (``r``, ``alpha``, ``target_modules``).
         latent_stats: ``"estimate"`` (Stage 2: measure shift/scale on training rows before training
@@ -242,6 +243,23 @@ class Objective(nn.Module):
         return L.joint_loss(self.vae, self.dit, input_ids, real, self.loss_cfg, self.ref_vae)
 
 
+def load_dit(folder: str, overrides: dict) -> ColaDiT:
+    """``ColaDiT.from_pretrained(folder)`` with config ``overrides`` (e.g. ``{"self_condition": true}``).
+
+    Overrides may only add modules that start from their own initialisation (``sc_in``); any other
+    missing, unexpected or reshaped weight raises, since it would silently train from random values.
+    """
+    if not overrides:
+        return ColaDiT.from_pretrained(folder)
+    dit, info = ColaDiT.from_pretrained(folder, low_cpu_mem_usage=False, output_loading_info=True, **overrides)
+    new = [k for k in info["missing_keys"] if not k.startswith("sc_in.")]
+    bad = new + list(info["unexpected_keys"]) + [k for k, *_ in info["mismatched_keys"]]
+    if bad:
+        raise ValueError(f"dit overrides {overrides} do not fit the weights in {folder}: {sorted(bad)[:6]} would not "
+                         "be loaded. Only overrides that add new modules (self_condition) can start from init_dit.")
+    return dit
+
+
 def build_objective(cfg: TrainConfig, vocab_size: int, train_rows: TextRows) -> Objective:
     """Fresh or loaded models, the frozen reference encoder and (Stage 2) latent statistics."""
     if cfg.stage == "lora":
@@ -255,7 +273,7 @@ def build_objective(cfg: TrainConfig, vocab_size: int, train_rows: TextRows) -> 
     if cfg.latent_stats == "estimate":
         fit_latent_stats(vae, train_rows)
     if cfg.init_dit:
-        dit = ColaDiT.from_pretrained(cfg.init_dit)
+        dit = load_dit(cfg.init_dit, cfg.dit)
     else:
         dit = ColaDiT(**{"txt_in_channels": vae.config.latent_dim, "txt_out_channels": vae.config.latent_dim,
                          "block_size": vae.config.block_size, **cfg.dit})
