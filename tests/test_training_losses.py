@@ -91,6 +91,30 @@ def test_two_l_mask_padding_and_per_sample_block_sizes():
     assert m[1, 6].int().tolist() == [1, 1, 0, 0, 0, 0, 1, 0]
 
 
+def test_history_drop_gives_the_uncond_branch():
+    """A dropped block sees only itself: the velocity equals the sampler's CFG *uncond* (the block alone
+    at positions 0…L−1, no cache); the other blocks keep their history."""
+    dit = tiny_dit(randomize=True).eval()
+    g = torch.Generator().manual_seed(4)
+    bsz, n_blocks = 2, 3
+    z0 = torch.randn(bsz, n_blocks * BLOCK, LATENT, generator=g)
+    zt = torch.randn(bsz, n_blocks * BLOCK, LATENT, generator=g)
+    t = torch.full((bsz, n_blocks * BLOCK), 600.0)
+    drop = torch.zeros(bsz, n_blocks * BLOCK, dtype=torch.bool)
+    drop[0, BLOCK: 2 * BLOCK] = True  # sample 0, block 1
+    mask = two_l_mask(torch.arange(n_blocks * BLOCK)[None].expand(bsz, -1), BLOCK, history_drop=drop)[:, 0]
+    n = n_blocks * BLOCK
+    assert not mask[0, n + BLOCK: n + 2 * BLOCK, :n].any() and mask[1, n + BLOCK: n + 2 * BLOCK, :BLOCK].all()
+    with torch.no_grad():
+        kept = two_l_velocity(dit, z0, zt, t, BLOCK)
+        dropped = two_l_velocity(dit, z0, zt, t, BLOCK, history_drop=drop)
+        alone = dit(zt[:1, BLOCK: 2 * BLOCK], t[:1, :BLOCK]).sample
+    torch.testing.assert_close(dropped[:1, BLOCK: 2 * BLOCK], alone, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(kept[:1, BLOCK: 2 * BLOCK], alone, atol=1e-3)
+    keep = ~drop
+    torch.testing.assert_close(dropped[keep], kept[keep])
+
+
 def test_two_l_forward_equals_cached_block_by_block():
     dit = tiny_dit(randomize=True).eval()
     g = torch.Generator().manual_seed(3)
@@ -149,7 +173,7 @@ def test_vae_loss_decreases():
 def test_flow_matching_loss_decreases():
     dit = tiny_dit()
     z0 = torch.randn(3, 12, LATENT, generator=torch.Generator().manual_seed(0))
-    cfg = FlowMatchingConfig(block_sizes=[1, 2, 4], prompt_block_prob=0.3)
+    cfg = FlowMatchingConfig(block_sizes=[1, 2, 4], prompt_block_prob=0.3, history_drop_prob=0.3)
     losses = descend(dit.parameters(), lambda g: flow_matching_loss(dit, z0, cfg=cfg, generator=g))
     assert losses[-1] < losses[0]
 

@@ -66,6 +66,10 @@ class FlowMatchingConfig:
             (t = 0, no loss), simulating the pinned partial prompt block of inference.
         self_condition_prob: for a DiT with ``self_condition``, the fraction of rows whose noisy copy
             reads the model's own no-gradient estimate of z0 (the rest read zeros), as in Chen et al. 2022.
+        history_drop_prob: fraction of noisy blocks that see no clean history (condition dropout). The
+            sampler's CFG *uncond* branch is a block alone; with 0 (official) the only history-free
+            blocks in training are row starts, so *uncond* learns the distribution of row starts
+            rather than of all blocks.
     """
 
     timestep_density: str = "logit_normal"
@@ -75,6 +79,7 @@ class FlowMatchingConfig:
     block_size_probs: list[float] = field(default_factory=list)
     prompt_block_prob: float = 0.05
     self_condition_prob: float = 0.5
+    history_drop_prob: float = 0.0
 
     def __post_init__(self):
         if self.timestep_density not in TIMESTEP_DENSITIES:
@@ -182,7 +187,8 @@ def sample_block_sizes(batch_size: int, default: int, cfg: FlowMatchingConfig, d
 
 
 def two_l_mask(
-    position_ids: torch.LongTensor, block_size: int | torch.Tensor, valid: torch.Tensor | None = None
+    position_ids: torch.LongTensor, block_size: int | torch.Tensor, valid: torch.Tensor | None = None,
+    history_drop: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boolean attention mask ``(B, 1, 2L, 2L)`` of the "clean copy beside noisy copy" trick (spec §6.1).
 
@@ -195,7 +201,8 @@ def two_l_mask(
     * clean queries never see noisy keys.
 
     ``block_size`` is an int or a per-sample ``(B,)`` tensor. Keys with ``valid`` False are hidden;
-    padding queries see everything so their (unused) outputs stay finite.
+    padding queries see everything so their (unused) outputs stay finite. Noisy queries with
+    ``history_drop`` ``(B, L)`` True see no clean keys (a block alone, as CFG's *uncond*).
     """
     bs = torch.as_tensor(block_size, device=position_ids.device)
     bs = bs[:, None] if bs.ndim == 1 else bs
@@ -203,7 +210,8 @@ def two_l_mask(
     q, k = blk[:, :, None], blk[:, None, :]  # (B, L, 1), (B, 1, L)
     no = torch.zeros_like(q >= k)
     top = torch.cat((q >= k, no), dim=2)  # clean queries: (B, L, 2L)
-    bottom = torch.cat((q > k, q == k), dim=2)  # noisy queries: (B, L, 2L)
+    history = q > k if history_drop is None else (q > k) & ~history_drop.bool()[:, :, None]
+    bottom = torch.cat((history, q == k), dim=2)  # noisy queries: (B, L, 2L)
     allowed = torch.cat((top, bottom), dim=1)  # (B, 2L, 2L)
     if valid is not None:
         v2 = torch.cat((valid, valid), dim=1).bool()  # (B, 2L)
@@ -280,6 +288,7 @@ def flow_matching_loss(
     block = sample_block_sizes(bsz, dit.config.block_size, cfg, device, generator)  # (B,)
     pos = torch.arange(length, device=device).expand(bsz, length)
     pinned = _prompt_pins(pos, block, cfg.prompt_block_prob, generator)  # (B, L)
+    dropped = _history_drops(pos, block, cfg.history_drop_prob, generator)  # (B, L) or None
     tt = tt.masked_fill(pinned, 0.0)
     zt = (1 - tt[..., None]) * z0 + tt[..., None] * z1  # (B, L, C)
     target = z1 - z0
@@ -287,8 +296,8 @@ def flow_matching_loss(
     zt, steps = zt.to(z0.dtype), tt * NUM_TRAIN_TIMESTEPS
     sc = None
     if getattr(dit.config, "self_condition", False):
-        sc = self_condition_estimate(dit, z0, zt, steps, block, valid, cfg.self_condition_prob, generator)
-    out = two_l_velocity(dit, z0, zt, steps, block, valid, self_cond=sc)
+        sc = self_condition_estimate(dit, z0, zt, steps, block, valid, cfg.self_condition_prob, generator, dropped)
+    out = two_l_velocity(dit, z0, zt, steps, block, valid, self_cond=sc, history_drop=dropped)
     weights = valid & ~pinned if loss_mask is None else loss_mask.bool() & valid & ~pinned
     mse = (out.float() - target.float()).pow(2).mean(-1)  # (B, L)
     loss = masked_mean(mse, weights)
@@ -296,11 +305,11 @@ def flow_matching_loss(
 
 
 def self_condition_estimate(dit, z0: torch.Tensor, zt: torch.Tensor, timestep: torch.Tensor, block_size,
-                            valid: torch.Tensor, prob: float, generator=None) -> torch.Tensor:
+                            valid: torch.Tensor, prob: float, generator=None, history_drop=None) -> torch.Tensor:
     """Self-conditioning input of the noisy copy ``(B, L, C)``: ``ẑ0 = z_t − σ·v̂`` from a no-gradient pass
     that reads zeros, for a ``prob`` fraction of rows; zeros for the others (the sampler's first step)."""
     with torch.no_grad():
-        v = two_l_velocity(dit, z0, zt, timestep, block_size, valid)
+        v = two_l_velocity(dit, z0, zt, timestep, block_size, valid, history_drop=history_drop)
         z0_hat = zt - timestep[..., None] / NUM_TRAIN_TIMESTEPS * v.to(zt.dtype)
     use = torch.rand(zt.shape[0], generator=generator, device=zt.device) < prob  # (B,)
     return torch.where(use[:, None, None], z0_hat, torch.zeros_like(z0_hat))
@@ -308,7 +317,7 @@ def self_condition_estimate(dit, z0: torch.Tensor, zt: torch.Tensor, timestep: t
 
 def two_l_velocity(dit, z0: torch.Tensor, zt: torch.Tensor, timestep: torch.Tensor,
                    block_size: int | torch.Tensor, valid: torch.Tensor | None = None,
-                   self_cond: torch.Tensor | None = None) -> torch.Tensor:
+                   self_cond: torch.Tensor | None = None, history_drop: torch.Tensor | None = None) -> torch.Tensor:
     """DiT velocity on the noisy half of ``[z0 | z_t]`` ``(B, L, C)`` under :func:`two_l_mask`.
 
     ``timestep`` ``(B, L)`` on the 0…1000 scale for the noisy copy; the clean copy runs at 0. Equal to
@@ -325,8 +334,18 @@ def two_l_velocity(dit, z0: torch.Tensor, zt: torch.Tensor, timestep: torch.Tens
     if getattr(dit.config, "self_condition", False):
         kwargs["self_cond"] = torch.cat((z0, torch.zeros_like(zt) if self_cond is None else self_cond), dim=1)
     out = dit(sample, steps, position_ids=torch.cat((pos, pos), 1), valid=torch.cat((valid, valid), 1),
-              attention_mask=two_l_mask(pos, block_size, valid), **kwargs).sample
+              attention_mask=two_l_mask(pos, block_size, valid, history_drop), **kwargs).sample
     return out[:, length:]  # (B, L, C)
+
+
+def _history_drops(pos: torch.Tensor, block: torch.Tensor, prob: float, generator) -> torch.Tensor | None:
+    """``(B, L)`` True for every token of blocks drawn with probability ``prob`` (None when 0: no draw,
+    so runs without condition dropout keep their random streams)."""
+    if prob <= 0:
+        return None
+    blk = pos // block[:, None]
+    chosen = torch.rand(pos.shape, generator=generator, device=pos.device) < prob  # (B, n_blocks ≤ L)
+    return torch.gather(chosen, 1, blk)
 
 
 def _prompt_pins(pos: torch.Tensor, block: torch.Tensor, prob: float, generator) -> torch.Tensor:
