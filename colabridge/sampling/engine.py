@@ -64,6 +64,11 @@ class CachedStream:
         return out
 
 
+def clean_estimate(latents: torch.Tensor, timesteps: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
+    """``ẑ0 = z_t − σ·v`` for the flow ``z_t = (1 − σ)·z0 + σ·z1`` (``timesteps`` ``(B, L)`` on the 0…1000 scale)."""
+    return latents - timesteps[..., None] / NUM_TRAIN_TIMESTEPS * velocity
+
+
 class SelfCondition:
     """Self-conditioning state of one block: the last clean estimate ``ẑ0 = z_t − σ·v`` (zeros before
     the first model call), fed back to a prior trained with it. Pinned tokens (σ = 0) read their values."""
@@ -80,7 +85,7 @@ class SelfCondition:
 
     def update(self, latents: torch.Tensor, timesteps: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.enabled:
-            self.z0 = latents - timesteps[..., None] / NUM_TRAIN_TIMESTEPS * v
+            self.z0 = clean_estimate(latents, timesteps, v)
         return v
 
 
@@ -194,5 +199,5 @@ def transport_block(
     return latents
 
 
-__all__ = ["CachedStream", "NUM_TRAIN_TIMESTEPS", "SelfCondition", "guided_velocity", "packed_cfg_mask", "packed_guided_velocity",
+__all__ = ["CachedStream", "NUM_TRAIN_TIMESTEPS", "SelfCondition", "clean_estimate", "guided_velocity", "packed_cfg_mask", "packed_guided_velocity",
            "pin", "round_to", "transport_block"]

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.text_vae import LOGVAR_RANGE, TextLatentPosterior
+from ..sampling.engine import clean_estimate
 
 NUM_TRAIN_TIMESTEPS = 1000.0  # DiT timesteps live on the 0…1000 scale (spec §4.3)
 TIMESTEP_DENSITIES = ("logit_normal", "uniform")
@@ -308,9 +309,11 @@ def self_condition_estimate(dit, z0: torch.Tensor, zt: torch.Tensor, timestep: t
                             valid: torch.Tensor, prob: float, generator=None, history_drop=None) -> torch.Tensor:
     """Self-conditioning input of the noisy copy ``(B, L, C)``: ``ẑ0 = z_t − σ·v̂`` from a no-gradient pass
     that reads zeros, for a ``prob`` fraction of rows; zeros for the others (the sampler's first step)."""
+    if prob <= 0:
+        return torch.zeros_like(zt)
     with torch.no_grad():
         v = two_l_velocity(dit, z0, zt, timestep, block_size, valid, history_drop=history_drop)
-        z0_hat = zt - timestep[..., None] / NUM_TRAIN_TIMESTEPS * v.to(zt.dtype)
+        z0_hat = clean_estimate(zt, timestep, v.to(zt.dtype))
     use = torch.rand(zt.shape[0], generator=generator, device=zt.device) < prob  # (B,)
     return torch.where(use[:, None, None], z0_hat, torch.zeros_like(z0_hat))
 
