@@ -19,7 +19,9 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from .. import checkpoints
 from ..models import ColaDiT, ColaTextVAE
-from ..sampling.engine import CachedStream, guided_velocity, packed_guided_velocity, round_to, transport_block
+from ..data.text import pad_rows
+from ..sampling.engine import (CachedStream, guided_velocity, packed_guided_velocity, projected_velocity, round_to,
+                               transport_block)
 from ..sampling.solvers import Solver, get_solver
 from ..sampling.tokens import select_tokens
 from .lora_mixin import ColaLoraLoaderMixin
@@ -95,6 +97,8 @@ class _Run:
     latents: torch.Tensor | None
     autocast_dtype: torch.dtype | None
     device: torch.device
+    prompt_ids: list[list[int]]
+    clamp_below: float | None
 
 
 class ColaPipeline(DiffusionPipeline, ColaLoraLoaderMixin):
@@ -166,7 +170,7 @@ class ColaPipeline(DiffusionPipeline, ColaLoraLoaderMixin):
 
     # ------------------------------------------------------------------ steps
     def check_inputs(self, prompt, prompt_ids, max_new_tokens, num_inference_steps, guidance_scale, temperature,
-                     top_k, top_p, output_type, pad_token_id, callback_tensor_inputs, sample_ids) -> None:
+                     top_k, top_p, output_type, pad_token_id, callback_tensor_inputs, sample_ids, clamp_below=None) -> None:
         if (prompt is None) == (prompt_ids is None):
             raise ValueError("Pass exactly one of `prompt` (str or list of str) and `prompt_ids` (list of id lists).")
         if prompt is not None:
@@ -181,6 +185,8 @@ class ColaPipeline(DiffusionPipeline, ColaLoraLoaderMixin):
             (_is_real(temperature) and temperature >= 0, f"`temperature` must be a number >= 0 (0 = greedy), got {temperature!r}."),
             (top_k is None or (_is_int(top_k) and top_k >= 0), f"`top_k` must be an int >= 0 or None (0 disables it), got {top_k!r}."),
             (top_p is None or (_is_real(top_p) and 0 < top_p <= 1), f"`top_p` must be in (0, 1] or None, got {top_p!r}."),
+            (clamp_below is None or (_is_real(clamp_below) and 0 < clamp_below <= 1),
+             f"`clamp_below` must be a noise level in (0, 1] or None (no clamping), got {clamp_below!r}."),
             (output_type in OUTPUT_TYPES, f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}."),
             (pad_token_id is not None, "No pad id: pass `pad_token_id` or use a tokenizer with a pad token."),
             (set(callback_tensor_inputs) <= set(self._callback_tensor_inputs),
@@ -300,6 +306,9 @@ class ColaPipeline(DiffusionPipeline, ColaLoraLoaderMixin):
                 with the block that holds it (the official code keeps generating them).
             autocast_dtype: run the models under ``torch.autocast(<device type>, autocast_dtype)`` —
                 ``torch.bfloat16`` with float32 weights on CUDA is the official GPU regime (spec §5.5).
+            clamp_below: Diffusion-LM clamping (not in the official algorithm): at noise levels σ ≤
+                ``clamp_below`` the clean estimate is replaced by the VAE re-encoding, in context, of its
+                greedy decoded tokens, so each block ends on the latents of real tokens. ``None`` = off.
         """
         output_type = kwargs.pop("output_type", "text")
         run = self._start(prompt, output_type=output_type, **kwargs)
@@ -351,11 +360,13 @@ class ColaPipeline(DiffusionPipeline, ColaLoraLoaderMixin):
         drop_finished: bool = True,
         latents: torch.Tensor | None = None,
         autocast_dtype: torch.dtype | None = None,
+        clamp_below: float | None = None,
     ) -> "_Run":
         """Validate inputs, encode prompts and prefill the histories (steps 0–2 of a call)."""
         pad_token_id = self.tokenizer.pad_token_id if pad_token_id is None else pad_token_id
         self.check_inputs(prompt, prompt_ids, max_new_tokens, num_inference_steps, guidance_scale, temperature,
-                          top_k, top_p, output_type, pad_token_id, callback_on_step_end_tensor_inputs, sample_ids)
+                          top_k, top_p, output_type, pad_token_id, callback_on_step_end_tensor_inputs, sample_ids,
+                          clamp_below)
         ids = self.tokenize(prompt) if prompt is not None else [list(p) for p in prompt_ids]
         numerics = self._numerics(autocast_dtype)
         with numerics:
@@ -376,7 +387,7 @@ class ColaPipeline(DiffusionPipeline, ColaLoraLoaderMixin):
         return _Run(plan, prior, decoder, n_blocks, num_inference_steps,
                     float(guidance_scale), sampling, stop, generator, noise_seed, sample_ids, prior_input_rounding,
                     callback_on_step_end, list(callback_on_step_end_tensor_inputs), pad_token_id, method, scheduler,
-                    packed_cfg, drop_finished, latents, autocast_dtype, self._execution_device)
+                    packed_cfg, drop_finished, latents, autocast_dtype, self._execution_device, ids, clamp_below)
 
     def _iter_blocks(self, run: "_Run"):
         """Step 3, one block per iteration: noise → transport → decode → choose tokens → commit.
@@ -396,7 +407,8 @@ class ColaPipeline(DiffusionPipeline, ColaLoraLoaderMixin):
                 noise = self.prepare_latents(bsz, b, run.generator, run.noise_seed, run.sample_ids, torch.float32, device)
                 if run.latents is not None:
                     noise = run.latents[:, b].to(device=device, dtype=torch.float32)
-                z = self.transport_block(run, noise[active], (guidance_0 if b == 0 else guidance)[active], b, bar)
+                z = self.transport_block(run, noise[active], (guidance_0 if b == 0 else guidance)[active], b, bar,
+                                         self._token_projector(run, history, active, b))
                 logits = torch.zeros(bsz, *z.shape[1:2], self.vae.config.vocab_size, device=device)
                 logits[active] = run.decoder.query(z, commit=True).float()  # (B, bs, V)
                 tokens = select_tokens(logits, history, **run.sampling)
@@ -416,8 +428,10 @@ class ColaPipeline(DiffusionPipeline, ColaLoraLoaderMixin):
                 z_r = round_to(z, run.rounding)
                 run.prior.query(z_r, torch.zeros(z.shape[:2], device=device), commit=True, **self._history_kwargs(z_r))
 
-    def transport_block(self, run: "_Run", noise: torch.Tensor, guidance: torch.Tensor, block: int, bar) -> torch.Tensor:
-        """Transport one block of the active samples from noise to latents with the shared engine."""
+    def transport_block(self, run: "_Run", noise: torch.Tensor, guidance: torch.Tensor, block: int, bar,
+                        project=None) -> torch.Tensor:
+        """Transport one block of the active samples from noise to latents with the shared engine
+        (``project``: optional clamping of the clean estimate, :func:`projected_velocity`)."""
         plan, device = run.plan, run.device
         pinned = values = None
         if block == 0 and plan.any_pinned:
@@ -426,9 +440,37 @@ class ColaPipeline(DiffusionPipeline, ColaLoraLoaderMixin):
         extra = (noise.shape[1],) if run.packed_cfg else ()
         velocity = make(self.transformer, run.prior, guidance, *extra, input_rounding=run.rounding,
                         self_condition=self.self_conditioned)
+        if project is not None:
+            velocity = projected_velocity(velocity, project, run.clamp_below)
         offset = block * run.solver.model_calls(run.num_steps)
         on_step = self._step_callback(run.callback, run.callback_inputs, offset, bar)
         return transport_block(velocity, noise, run.scheduler, run.solver.schedule(run.num_steps), pinned, values, on_step)
+
+    def _token_projector(self, run: "_Run", history: torch.Tensor | None, active: torch.Tensor, block: int):
+        """``clamp_below``'s projection for one block of the active samples: clean latents → greedy
+        decoder tokens (prompt tokens where pinned) → VAE posterior mode of the block, encoded after
+        the sample's tokens so far (prompt, then generated blocks) → normalised."""
+        if run.clamp_below is None:
+            return None
+        bs, rows = self.block_size, active.tolist()
+        trim = run.plan.trim
+        done = [[] if history is None else history[i, trim[i]:].tolist() for i in range(len(trim))]
+        context = [run.prompt_ids[i] + done[i] if block else run.prompt_ids[i][: len(run.prompt_ids[i]) - trim[i]] for i in rows]
+        pinned = run.plan.pinned[rows].to(run.device) if block == 0 else None
+        pinned_ids = [run.prompt_ids[i][len(run.prompt_ids[i]) - trim[i]:] for i in rows]
+
+        def project(z0: torch.Tensor) -> torch.Tensor:
+            tokens = run.decoder.query(z0).float().argmax(-1)  # (A, bs)
+            if pinned is not None:
+                tokens = torch.where(pinned, _pad_ids(pinned_ids, bs, tokens), tokens)
+            seqs = [c + t for c, t in zip(context, tokens.tolist())]
+            ids, mask = pad_rows(seqs, max(map(len, seqs)), run.pad_token_id)
+            latents = self.vae.normalize(self.vae.encode(ids.to(run.device), mask.to(run.device)).mode().float())
+            ends = torch.tensor([len(s) for s in seqs], device=run.device)
+            index = (ends[:, None] - bs + torch.arange(bs, device=run.device))[..., None]
+            return latents.gather(1, index.expand(-1, -1, latents.shape[-1]))
+
+        return project
 
     def _step_callback(self, callback, tensor_inputs, offset: int, bar):
         def on_step(i, t, latents):
@@ -465,6 +507,11 @@ def _is_int(x) -> bool:
 
 def _is_real(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _pad_ids(rows: list[list[int]], width: int, like: torch.Tensor) -> torch.Tensor:
+    """Id lists right-padded with 0 to ``(len(rows), width)`` on ``like``'s device."""
+    return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=like.dtype, device=like.device)
 
 
 def _computed_lengths(blocks: list["_Block"]) -> list[int]:

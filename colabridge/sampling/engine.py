@@ -11,6 +11,8 @@ patches or video frames. The engine has three pieces:
 * :func:`transport_block` — integrates the block from σ=1 (noise) to σ=0 with a diffusers flow-match
   scheduler, keeping *pinned* tokens at given values with timestep 0 (the official "repaint" of a
   partial prompt block).
+* :func:`projected_velocity` — optional projection of the clean estimate onto the data (Diffusion-LM
+  clamping), e.g. text latents snapped to the re-encoding of their decoded tokens.
 """
 
 from __future__ import annotations
@@ -117,6 +119,30 @@ def guided_velocity(
     return velocity
 
 
+def projected_velocity(
+    velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    project: Callable[[torch.Tensor], torch.Tensor],
+    max_sigma: float,
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``velocity`` whose clean estimate is replaced by ``project(ẑ0)`` for tokens with 0 < σ ≤ ``max_sigma``.
+
+    The "clamping trick" of Diffusion-LM (Li et al. 2022): ``v' = (z_t − P(ẑ0)) / σ`` is the velocity whose
+    clean estimate is ``P(ẑ0)``, so an Euler step lands on the projected data point at σ = 0. ``project``
+    maps ``(B, L, C)`` to ``(B, L, C)`` (e.g. decode to tokens and re-encode). Pinned tokens (σ = 0) keep ``v``.
+    """
+
+    def fn(latents: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        v = velocity(latents, timesteps)
+        sigma = timesteps / NUM_TRAIN_TIMESTEPS
+        use = (sigma > 0) & (sigma <= max_sigma)
+        if not bool(use.any()):
+            return v
+        z0 = project(clean_estimate(latents, timesteps, v))
+        return torch.where(use[..., None], (latents - z0) / sigma.clamp(min=1e-12)[..., None], v)
+
+    return fn
+
+
 def packed_cfg_mask(history: CachedStream, block_len: int) -> torch.Tensor:
     """Mask ``(B, 1, 2L, H + 2L)`` for [cond block | uncond block] queries over [history | cond | uncond].
 
@@ -200,4 +226,4 @@ def transport_block(
 
 
 __all__ = ["CachedStream", "NUM_TRAIN_TIMESTEPS", "SelfCondition", "clean_estimate", "guided_velocity", "packed_cfg_mask", "packed_guided_velocity",
-           "pin", "round_to", "transport_block"]
+           "pin", "projected_velocity", "round_to", "transport_block"]
