@@ -4,6 +4,7 @@ decode → re-encode projection in context."""
 import pytest
 import torch
 
+from colabridge import ColaPipeline
 from colabridge.sampling.engine import projected_velocity
 
 CALL = dict(prompt=["The farmer wakes up early", "Rain"], max_new_tokens=12, noise_seed=5, stop_token_ids=[],
@@ -63,7 +64,22 @@ def test_clamping_changes_generation(official_pipe):
     assert not torch.equal(official_pipe(**CALL, clamp_below=1.0).latents, official_pipe(**CALL).latents)
 
 
-@pytest.mark.parametrize("value", [0, 1.5, "0.5"])
+@pytest.mark.parametrize("value", [-0.1, 1.5, "0.5"])
 def test_bad_clamp_below_is_rejected(official_pipe, value):
     with pytest.raises(ValueError, match="clamp_below"):
         official_pipe(**CALL, clamp_below=value)
+
+
+def test_pipeline_config_sets_the_default_and_round_trips(official_pipe, tmp_path):
+    assert official_pipe.config.clamp_below is None  # the official sampler by default
+    pipe = ColaPipeline(**official_pipe.components, clamp_below=0.5)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp_path)
+    loaded = ColaPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.config.clamp_below == 0.5
+    clamped = official_pipe(**CALL, clamp_below=0.5).latents
+    assert torch.equal(loaded(**CALL).latents, clamped)
+    assert torch.equal(loaded(**CALL, clamp_below=0).latents, official_pipe(**CALL).latents)  # 0 turns it off
+    with pytest.raises(ValueError, match="clamp_below"):
+        ColaPipeline(**official_pipe.components, clamp_below=2.0)

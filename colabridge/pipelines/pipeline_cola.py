@@ -107,6 +107,9 @@ class ColaPipeline(DiffusionPipeline, ColaLoraLoaderMixin):
     Components: ``vae`` (:class:`ColaTextVAE`), ``transformer`` (:class:`ColaDiT`), ``scheduler``
     (``FlowMatchEulerDiscreteScheduler``, used with explicit sigmas) and ``tokenizer`` (a fast tokenizer).
     LoRA adapters on the ``transformer``: :class:`ColaLoraLoaderMixin` (``load_lora_weights``, ``fuse_lora`` …).
+
+    Pipeline config (saved in ``model_index.json``): ``clamp_below``, the default of the call argument of
+    the same name (``None`` = the official sampler; a model's own folder may set a value it was measured with).
     """
 
     model_cpu_offload_seq = "vae->transformer"
@@ -118,13 +121,17 @@ class ColaPipeline(DiffusionPipeline, ColaLoraLoaderMixin):
         transformer: ColaDiT,
         scheduler: FlowMatchEulerDiscreteScheduler,
         tokenizer: PreTrainedTokenizerBase,
+        clamp_below: float | None = None,
     ):
         super().__init__()
+        if clamp_below is not None and not (_is_real(clamp_below) and 0 < clamp_below <= 1):
+            raise ValueError(f"`clamp_below` must be a noise level in (0, 1] or None, got {clamp_below!r}.")
         check_components(vae, transformer)
         if tokenizer is not None and len(tokenizer) > vae.config.vocab_size:
             raise ValueError(f"tokenizer has {len(tokenizer)} ids but the VAE vocab_size is {vae.config.vocab_size}; "
                              "use the tokenizer the VAE was trained with.")
         self.register_modules(vae=vae, transformer=transformer, scheduler=scheduler, tokenizer=tokenizer)
+        self.register_to_config(clamp_below=clamp_below)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -185,8 +192,8 @@ class ColaPipeline(DiffusionPipeline, ColaLoraLoaderMixin):
             (_is_real(temperature) and temperature >= 0, f"`temperature` must be a number >= 0 (0 = greedy), got {temperature!r}."),
             (top_k is None or (_is_int(top_k) and top_k >= 0), f"`top_k` must be an int >= 0 or None (0 disables it), got {top_k!r}."),
             (top_p is None or (_is_real(top_p) and 0 < top_p <= 1), f"`top_p` must be in (0, 1] or None, got {top_p!r}."),
-            (clamp_below is None or (_is_real(clamp_below) and 0 < clamp_below <= 1),
-             f"`clamp_below` must be a noise level in (0, 1] or None (no clamping), got {clamp_below!r}."),
+            (clamp_below is None or (_is_real(clamp_below) and 0 <= clamp_below <= 1),
+             f"`clamp_below` must be a noise level in [0, 1] (0 = off) or None (the pipeline's config), got {clamp_below!r}."),
             (output_type in OUTPUT_TYPES, f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}."),
             (pad_token_id is not None, "No pad id: pass `pad_token_id` or use a tokenizer with a pad token."),
             (set(callback_tensor_inputs) <= set(self._callback_tensor_inputs),
@@ -308,7 +315,8 @@ class ColaPipeline(DiffusionPipeline, ColaLoraLoaderMixin):
                 ``torch.bfloat16`` with float32 weights on CUDA is the official GPU regime (spec §5.5).
             clamp_below: Diffusion-LM clamping (not in the official algorithm): at noise levels σ ≤
                 ``clamp_below`` the clean estimate is replaced by the VAE re-encoding, in context, of its
-                greedy decoded tokens, so each block ends on the latents of real tokens. ``None`` = off.
+                greedy decoded tokens, so each block ends on the latents of real tokens. ``0`` = off;
+                ``None`` = ``pipe.config.clamp_below`` (off unless the model folder sets it).
         """
         output_type = kwargs.pop("output_type", "text")
         run = self._start(prompt, output_type=output_type, **kwargs)
@@ -367,6 +375,7 @@ class ColaPipeline(DiffusionPipeline, ColaLoraLoaderMixin):
         self.check_inputs(prompt, prompt_ids, max_new_tokens, num_inference_steps, guidance_scale, temperature,
                           top_k, top_p, output_type, pad_token_id, callback_on_step_end_tensor_inputs, sample_ids,
                           clamp_below)
+        clamp_below = self.config.clamp_below if clamp_below is None else (clamp_below or None)
         ids = self.tokenize(prompt) if prompt is not None else [list(p) for p in prompt_ids]
         numerics = self._numerics(autocast_dtype)
         with numerics:
