@@ -83,3 +83,9 @@ def test_pipeline_config_sets_the_default_and_round_trips(official_pipe, tmp_pat
     assert torch.equal(loaded(**CALL, clamp_below=0).latents, official_pipe(**CALL).latents)  # 0 turns it off
     with pytest.raises(ValueError, match="clamp_below"):
         ColaPipeline(**official_pipe.components, clamp_below=2.0)
+
+
+def test_clamping_needs_the_euler_solver(official_pipe):
+    with pytest.raises(ValueError, match="solver='euler'"):
+        official_pipe(**CALL, clamp_below=0.5, solver="heun")
+    official_pipe(**CALL, clamp_below=0, solver="heun")  # off: any solver

@@ -315,7 +315,7 @@ class ColaPipeline(DiffusionPipeline, ColaLoraLoaderMixin):
                 ``torch.bfloat16`` with float32 weights on CUDA is the official GPU regime (spec §5.5).
             clamp_below: Diffusion-LM clamping (not in the official algorithm): at noise levels σ ≤
                 ``clamp_below`` the clean estimate is replaced by the VAE re-encoding, in context, of its
-                greedy decoded tokens, so each block ends on the latents of real tokens. ``0`` = off;
+                greedy decoded tokens, so each block ends on the latents of real tokens (Euler only). ``0`` = off;
                 ``None`` = ``pipe.config.clamp_below`` (off unless the model folder sets it).
         """
         output_type = kwargs.pop("output_type", "text")
@@ -392,6 +392,10 @@ class ColaPipeline(DiffusionPipeline, ColaLoraLoaderMixin):
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p,
                         repetition_penalty=repetition_penalty, generator=generator)
         method = get_solver(solver)
+        if clamp_below is not None and solver != "euler":
+            raise ValueError(f"`clamp_below` needs solver='euler' (got {solver!r}): its velocity (z − P(ẑ0))/σ is exact for "
+                             "Euler steps but a second-order solver averages it at σ near 0, where a token change is "
+                             "amplified by 1/σ. Pass clamp_below=0 to turn clamping off for this solver.")
         scheduler = self.scheduler if isinstance(self.scheduler, method.scheduler_class) else method.make_scheduler()
         return _Run(plan, prior, decoder, n_blocks, num_inference_steps,
                     float(guidance_scale), sampling, stop, generator, noise_seed, sample_ids, prior_input_rounding,
