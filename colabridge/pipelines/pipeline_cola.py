@@ -465,17 +465,19 @@ class ColaPipeline(DiffusionPipeline, ColaLoraLoaderMixin):
         the sample's tokens so far (prompt, then generated blocks) → normalised."""
         if run.clamp_below is None:
             return None
-        bs, rows = self.block_size, active.tolist()
-        trim = run.plan.trim
-        done = [[] if history is None else history[i, trim[i]:].tolist() for i in range(len(trim))]
-        context = [run.prompt_ids[i] + done[i] if block else run.prompt_ids[i][: len(run.prompt_ids[i]) - trim[i]] for i in rows]
-        pinned = run.plan.pinned[rows].to(run.device) if block == 0 else None
-        pinned_ids = [run.prompt_ids[i][len(run.prompt_ids[i]) - trim[i]:] for i in rows]
+        bs, rows, trim, prompts = self.block_size, active.tolist(), run.plan.trim, run.prompt_ids
+        pinned = pinned_ids = None
+        if block == 0:  # the prompt's complete blocks; its partial last block is pinned in this one
+            context = [prompts[i][: len(prompts[i]) - trim[i]] for i in rows]
+            pinned = run.plan.pinned[rows].to(run.device)
+            pinned_ids = pad_rows([prompts[i][len(prompts[i]) - trim[i]:] for i in rows], bs, 0)[0].to(run.device)
+        else:  # the whole prompt, then the generated ids after its re-decoded tokens
+            context = [prompts[i] + history[i, trim[i]:].tolist() for i in rows]
 
         def project(z0: torch.Tensor) -> torch.Tensor:
             tokens = run.decoder.query(z0).float().argmax(-1)  # (A, bs)
             if pinned is not None:
-                tokens = torch.where(pinned, _pad_ids(pinned_ids, bs, tokens), tokens)
+                tokens = torch.where(pinned, pinned_ids, tokens)
             seqs = [c + t for c, t in zip(context, tokens.tolist())]
             ids, mask = pad_rows(seqs, max(map(len, seqs)), run.pad_token_id)
             latents = self.vae.normalize(self.vae.encode(ids.to(run.device), mask.to(run.device)).mode().float())
@@ -520,11 +522,6 @@ def _is_int(x) -> bool:
 
 def _is_real(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _pad_ids(rows: list[list[int]], width: int, like: torch.Tensor) -> torch.Tensor:
-    """Id lists right-padded with 0 to ``(len(rows), width)`` on ``like``'s device."""
-    return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=like.dtype, device=like.device)
 
 
 def _computed_lengths(blocks: list["_Block"]) -> list[int]:
