@@ -89,3 +89,14 @@ def test_clamping_needs_the_euler_solver(official_pipe):
     with pytest.raises(ValueError, match="solver='euler'"):
         official_pipe(**CALL, clamp_below=0.5, solver="heun")
     official_pipe(**CALL, clamp_below=0, solver="heun")  # off: any solver
+
+
+def test_cli_generate_clamp_below(capsys):
+    from colabridge.cli import main
+
+    args = ["generate", "The old house", "--max-new-tokens", "8", "--steps", "4", "--noise-seed", "0"]
+    main(args)
+    plain = capsys.readouterr().out
+    main(args + ["--clamp-below", "1.0"])
+    clamped = capsys.readouterr().out
+    assert plain.startswith("The old house") and clamped.startswith("The old house") and clamped != plain
