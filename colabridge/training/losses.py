@@ -26,8 +26,7 @@ import torch.nn.functional as F
 
 from ..models.text_vae import LOGVAR_RANGE, TextLatentPosterior
 from ..sampling.engine import clean_estimate
-
-NUM_TRAIN_TIMESTEPS = 1000.0  # DiT timesteps live on the 0…1000 scale (spec §4.3)
+from ..sampling.schedules import NUM_TRAIN_TIMESTEPS  # DiT timesteps live on the 0…1000 scale (spec §4.3)
 TIMESTEP_DENSITIES = ("logit_normal", "uniform")
 
 
