@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--noise-seed", type=int, default=0)
     p.add_argument("--configs", default=",".join(f"{s}:{n}" for s, n in CONFIGS), help="solver:steps[:guidance],... (default guidance: the pipeline's)")
     p.add_argument("--clamp-below", type=float, default=None, help="pipeline clamp_below (Diffusion-LM clamping) for the Euler configs")
+    p.add_argument("--sub-block-size", type=int, default=None, help="pipeline sub_block_size (sequential sub-blocks) for every config")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-ar-samples", action="store_true", help="skip the AR baseline's own samples")
     p.add_argument("--json", default=None, help="also write the rows and ratios here")
@@ -129,12 +130,15 @@ def main(argv: list[str] | None = None) -> dict:
         solver, steps, *guidance = spec.split(":")
         kw = {"guidance_scale": float(guidance[0])} if guidance else {}
         clamp = {} if args.clamp_below is None or solver != "euler" else {"clamp_below": args.clamp_below}  # Euler only
+        if args.sub_block_size is not None:
+            kw["sub_block_size"] = args.sub_block_size
         t0 = time.time()
         out = pipe(prompt_ids=prompts, max_new_tokens=args.max_new_tokens, num_inference_steps=int(steps),
                    solver=solver, noise_seed=args.noise_seed, output_type="ids", **kw, **clamp)
         wall = time.time() - t0
-        name = f"{solver} {steps} steps" + (f" (CFG {kw['guidance_scale']:g})" if kw else "")
+        name = f"{solver} {steps} steps" + (f" (CFG {kw['guidance_scale']:g})" if "guidance_scale" in kw else "")
         name += f" (clamp σ ≤ {args.clamp_below:g})" if clamp else ""
+        name += f" (sub-blocks of {args.sub_block_size})" if args.sub_block_size is not None else ""
         rows.append(row_stats(name, ar, prompts, out.sequences, eos_id, {"wall_s": wall}))
         samples[name] = [pipe.tokenizer.decode(pr + cut(s, eos_id)) for pr, s in zip(prompts[: args.show], out.sequences)]
         print(f"  {name}: {wall:.1f} s", flush=True)

@@ -43,7 +43,8 @@ def cmd_generate(args) -> None:
     generator = torch.Generator().manual_seed(args.seed)
     stream = pipe.stream(prompts, max_new_tokens=args.max_new_tokens, num_inference_steps=args.steps,
                          guidance_scale=args.guidance_scale, temperature=args.temperature, generator=generator,
-                         noise_seed=args.noise_seed, sample_ids=ids, clamp_below=args.clamp_below)
+                         noise_seed=args.noise_seed, sample_ids=ids, clamp_below=args.clamp_below,
+                         sub_block_size=args.sub_block_size)
     if len(prompts) == 1:  # one prompt: print text as blocks arrive
         sys.stdout.write(prompts[0])
         for chunk in stream:
@@ -87,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--noise-seed", type=int, default=None, help="official per-sample noise seed")
     gen.add_argument("--clamp-below", type=float, default=None,
                      help="Diffusion-LM clamping for noise levels σ ≤ this (Euler; 0 = off; default: the model's config)")
+    gen.add_argument("--sub-block-size", type=int, default=None,
+                     help="generate each block in sequential passes of this many tokens (default: the model's config)")
     gen.add_argument("--lora", help="PEFT LoRA adapter folder for the DiT (e.g. adapters/cola-tiny-en-austen-lora)")
     gen.add_argument("--lora-scale", type=float, default=1.0, help="strength of --lora (fused into the weights)")
     gen.set_defaults(func=cmd_generate)

@@ -20,8 +20,8 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from .. import checkpoints
 from ..models import ColaDiT, ColaTextVAE
 from ..data.text import pad_rows
-from ..sampling.engine import (CachedStream, guided_velocity, packed_guided_velocity, projected_velocity, round_to,
-                               transport_block)
+from ..sampling.engine import (CachedStream, guided_velocity, num_passes, packed_guided_velocity, projected_velocity,
+                               round_to, transport_block, transport_in_passes)
 from ..sampling.solvers import Solver, get_solver
 from ..sampling.tokens import select_tokens
 from .lora_mixin import ColaLoraLoaderMixin
@@ -99,6 +99,7 @@ class _Run:
     device: torch.device
     prompt_ids: list[list[int]]
     clamp_below: float | None
+    sub_block_size: int
 
 
 class ColaPipeline(DiffusionPipeline, ColaLoraLoaderMixin):
@@ -108,8 +109,9 @@ class ColaPipeline(DiffusionPipeline, ColaLoraLoaderMixin):
     (``FlowMatchEulerDiscreteScheduler``, used with explicit sigmas) and ``tokenizer`` (a fast tokenizer).
     LoRA adapters on the ``transformer``: :class:`ColaLoraLoaderMixin` (``load_lora_weights``, ``fuse_lora`` …).
 
-    Pipeline config (saved in ``model_index.json``): ``clamp_below``, the default of the call argument of
-    the same name (``None`` = the official sampler; a model's own folder may set a value it was measured with).
+    Pipeline config (saved in ``model_index.json``): ``clamp_below`` and ``sub_block_size``, the defaults of
+    the call arguments of the same names (``None`` = the official sampler; a model's own folder may set
+    values it was measured with).
     """
 
     model_cpu_offload_seq = "vae->transformer"
@@ -122,16 +124,18 @@ class ColaPipeline(DiffusionPipeline, ColaLoraLoaderMixin):
         scheduler: FlowMatchEulerDiscreteScheduler,
         tokenizer: PreTrainedTokenizerBase,
         clamp_below: float | None = None,
+        sub_block_size: int | None = None,
     ):
         super().__init__()
         if clamp_below is not None and not (_is_real(clamp_below) and 0 < clamp_below <= 1):
             raise ValueError(f"`clamp_below` must be a noise level in (0, 1] or None, got {clamp_below!r}.")
         check_components(vae, transformer)
+        _check_sub_block_size(sub_block_size, transformer.config.block_size)
         if tokenizer is not None and len(tokenizer) > vae.config.vocab_size:
             raise ValueError(f"tokenizer has {len(tokenizer)} ids but the VAE vocab_size is {vae.config.vocab_size}; "
                              "use the tokenizer the VAE was trained with.")
         self.register_modules(vae=vae, transformer=transformer, scheduler=scheduler, tokenizer=tokenizer)
-        self.register_to_config(clamp_below=clamp_below)
+        self.register_to_config(clamp_below=clamp_below, sub_block_size=sub_block_size)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -177,7 +181,8 @@ class ColaPipeline(DiffusionPipeline, ColaLoraLoaderMixin):
 
     # ------------------------------------------------------------------ steps
     def check_inputs(self, prompt, prompt_ids, max_new_tokens, num_inference_steps, guidance_scale, temperature,
-                     top_k, top_p, output_type, pad_token_id, callback_tensor_inputs, sample_ids, clamp_below=None) -> None:
+                     top_k, top_p, output_type, pad_token_id, callback_tensor_inputs, sample_ids, clamp_below=None,
+                     sub_block_size=None) -> None:
         if (prompt is None) == (prompt_ids is None):
             raise ValueError("Pass exactly one of `prompt` (str or list of str) and `prompt_ids` (list of id lists).")
         if prompt is not None:
@@ -202,6 +207,7 @@ class ColaPipeline(DiffusionPipeline, ColaLoraLoaderMixin):
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        _check_sub_block_size(sub_block_size, self.block_size)
         n = len(prompt_ids) if prompt_ids is not None else (1 if isinstance(prompt, str) else len(prompt))
         if sample_ids is not None and len(sample_ids) != n:
             raise ValueError(f"`sample_ids` has {len(sample_ids)} entries for {n} prompts.")
@@ -317,6 +323,12 @@ class ColaPipeline(DiffusionPipeline, ColaLoraLoaderMixin):
                 ``clamp_below`` the clean estimate is replaced by the VAE re-encoding, in context, of its
                 greedy decoded tokens, so each block ends on the latents of real tokens (Euler only). ``0`` = off;
                 ``None`` = ``pipe.config.clamp_below`` (off unless the model folder sets it).
+            sub_block_size: sequential sub-blocks (not in the official algorithm): each block is transported
+                ⌈block_size / sub_block_size⌉ times from its noise; after each pass the next ``sub_block_size``
+                free positions are pinned at the VAE latents of their greedy decoded tokens (re-encoded in
+                context), as a prompt's partial block is, and the next pass generates the rest of the block
+                given them. ``None`` = ``pipe.config.sub_block_size`` (``block_size``, one pass, unless the
+                model folder sets it). Costs up to ``block_size / sub_block_size`` times the DiT calls.
         """
         output_type = kwargs.pop("output_type", "text")
         run = self._start(prompt, output_type=output_type, **kwargs)
@@ -369,13 +381,15 @@ class ColaPipeline(DiffusionPipeline, ColaLoraLoaderMixin):
         latents: torch.Tensor | None = None,
         autocast_dtype: torch.dtype | None = None,
         clamp_below: float | None = None,
+        sub_block_size: int | None = None,
     ) -> "_Run":
         """Validate inputs, encode prompts and prefill the histories (steps 0–2 of a call)."""
         pad_token_id = self.tokenizer.pad_token_id if pad_token_id is None else pad_token_id
         self.check_inputs(prompt, prompt_ids, max_new_tokens, num_inference_steps, guidance_scale, temperature,
                           top_k, top_p, output_type, pad_token_id, callback_on_step_end_tensor_inputs, sample_ids,
-                          clamp_below)
+                          clamp_below, sub_block_size)
         clamp_below = self.config.clamp_below if clamp_below is None else (clamp_below or None)
+        sub_block_size = sub_block_size or self.config.sub_block_size or self.block_size
         ids = self.tokenize(prompt) if prompt is not None else [list(p) for p in prompt_ids]
         numerics = self._numerics(autocast_dtype)
         with numerics:
@@ -400,7 +414,8 @@ class ColaPipeline(DiffusionPipeline, ColaLoraLoaderMixin):
         return _Run(plan, prior, decoder, n_blocks, num_inference_steps,
                     float(guidance_scale), sampling, stop, generator, noise_seed, sample_ids, prior_input_rounding,
                     callback_on_step_end, list(callback_on_step_end_tensor_inputs), pad_token_id, method, scheduler,
-                    packed_cfg, drop_finished, latents, autocast_dtype, self._execution_device, ids, clamp_below)
+                    packed_cfg, drop_finished, latents, autocast_dtype, self._execution_device, ids, clamp_below,
+                    sub_block_size)
 
     def _iter_blocks(self, run: "_Run"):
         """Step 3, one block per iteration: noise → transport → decode → choose tokens → commit.
@@ -415,7 +430,7 @@ class ColaPipeline(DiffusionPipeline, ColaLoraLoaderMixin):
         finished = torch.zeros(bsz, dtype=torch.bool, device=device)
         guidance = torch.full((bsz,), run.guidance_scale, device=device)
         guidance_0 = torch.where(plan.has_prefix.to(device), guidance, 1.0)  # no CFG on an empty prefix
-        with self.progress_bar(total=run.num_blocks * run.solver.model_calls(run.num_steps)) as bar, self._numerics(run.autocast_dtype):
+        with self.progress_bar(total=run.num_blocks * self._calls_per_block(run)) as bar, self._numerics(run.autocast_dtype):
             for b in range(run.num_blocks):
                 noise = self.prepare_latents(bsz, b, run.generator, run.noise_seed, run.sample_ids, torch.float32, device)
                 if run.latents is not None:
@@ -453,17 +468,26 @@ class ColaPipeline(DiffusionPipeline, ColaLoraLoaderMixin):
         extra = (noise.shape[1],) if run.packed_cfg else ()
         velocity = make(self.transformer, run.prior, guidance, *extra, input_rounding=run.rounding,
                         self_condition=self.self_conditioned)
-        if project is not None:
+        if run.clamp_below is not None:
             velocity = projected_velocity(velocity, project, run.clamp_below)
-        offset = block * run.solver.model_calls(run.num_steps)
-        on_step = self._step_callback(run.callback, run.callback_inputs, offset, bar)
-        return transport_block(velocity, noise, run.scheduler, run.solver.schedule(run.num_steps), pinned, values, on_step)
+        on_step = self._step_callback(run.callback, run.callback_inputs, block * self._calls_per_block(run), bar)
+        schedule = run.solver.schedule(run.num_steps)
+        if run.sub_block_size >= self.block_size:
+            return transport_block(velocity, noise, run.scheduler, schedule, pinned, values, on_step)
+        # a prompt's pinned tokens leave fewer passes in block 0; the bar still counts the full block
+        skipped = self._calls_per_block(run) - num_passes(pinned, self.block_size, run.sub_block_size) * run.solver.model_calls(run.num_steps)
+        bar.update(skipped)
+        return transport_in_passes(velocity, noise, run.scheduler, schedule, project, run.sub_block_size, pinned, values, on_step)
+
+    def _calls_per_block(self, run: "_Run") -> int:
+        """DiT calls (progress-bar steps) of a block with nothing pinned."""
+        return num_passes(None, self.block_size, run.sub_block_size) * run.solver.model_calls(run.num_steps)
 
     def _token_projector(self, run: "_Run", history: torch.Tensor | None, active: torch.Tensor, block: int):
-        """``clamp_below``'s projection for one block of the active samples: clean latents → greedy
-        decoder tokens (prompt tokens where pinned) → VAE posterior mode of the block, encoded after
-        the sample's tokens so far (prompt, then generated blocks) → normalised."""
-        if run.clamp_below is None:
+        """The projection of ``clamp_below`` and ``sub_block_size`` for one block of the active samples:
+        clean latents → greedy decoder tokens (prompt tokens where pinned) → VAE posterior mode of the
+        block, encoded after the sample's tokens so far (prompt, then generated blocks) → normalised."""
+        if run.clamp_below is None and run.sub_block_size >= self.block_size:
             return None
         bs, rows, trim, prompts = self.block_size, active.tolist(), run.plan.trim, run.prompt_ids
         pinned = pinned_ids = None
@@ -514,6 +538,12 @@ class ColaPipeline(DiffusionPipeline, ColaLoraLoaderMixin):
         if output_type == "text":
             texts = self.tokenizer.batch_decode(sequences, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         return ColaPipelineOutput(texts, sequences, block_ids, latents, finished)
+
+
+def _check_sub_block_size(value, block_size: int) -> None:
+    if value is not None and not (_is_int(value) and 1 <= value <= block_size):
+        raise ValueError(f"`sub_block_size` must be an int in [1, block_size={block_size}] or None (the pipeline's "
+                         f"config; block_size = one pass, the official sampler), got {value!r}.")
 
 
 def _is_int(x) -> bool:

@@ -13,6 +13,8 @@ patches or video frames. The engine has four pieces:
   partial prompt block).
 * :func:`projected_velocity` — optional projection of the clean estimate onto the data (Diffusion-LM
   clamping), e.g. text latents snapped to the re-encoding of their decoded tokens.
+* :func:`transport_in_passes` — a block transported several times, fixing a few more tokens (projected
+  onto the data) after each pass: sequential generation inside a block with the same model.
 """
 
 from __future__ import annotations
@@ -225,5 +227,51 @@ def transport_block(
     return latents
 
 
-__all__ = ["CachedStream", "NUM_TRAIN_TIMESTEPS", "SelfCondition", "clean_estimate", "guided_velocity", "packed_cfg_mask", "packed_guided_velocity",
-           "pin", "projected_velocity", "round_to", "transport_block"]
+def num_passes(pinned: torch.Tensor | None, length: int, tokens_per_pass: int) -> int:
+    """Passes :func:`transport_in_passes` makes over a block of ``length`` tokens with ``pinned`` ``(B, L)``."""
+    free = length if pinned is None else int((~pinned).sum(1).max())
+    return max(1, -(-free // tokens_per_pass))
+
+
+def transport_in_passes(
+    velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    latents: torch.Tensor,
+    scheduler,
+    schedule: dict,
+    project: Callable[[torch.Tensor], torch.Tensor],
+    tokens_per_pass: int,
+    pinned: torch.Tensor | None = None,
+    pinned_values: torch.Tensor | None = None,
+    on_step: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Transport a block in passes that fix ``tokens_per_pass`` more tokens each (sequential sub-blocks).
+
+    Every pass integrates the whole block from the same noise ``latents`` ``(B, L, C)`` with
+    :func:`transport_block`. Then the first ``tokens_per_pass`` tokens of each sample that are not
+    pinned yet are pinned at ``project(result)`` (e.g. the VAE latents of their decoded tokens), so the
+    next pass generates the rest of the block conditioned on them, as on a partial prompt block. A
+    sample's last ``tokens_per_pass`` free tokens are never pinned: they come from the final pass, which
+    for a sample that needed fewer passes repeats its own last one, so samples are batch-independent. ``on_step`` receives the model-call index counted across passes.
+    """
+    bsz, length = latents.shape[:2]
+    pinned = torch.zeros(bsz, length, dtype=torch.bool, device=latents.device) if pinned is None else pinned.bool()
+    values = torch.zeros_like(latents) if pinned_values is None else pinned_values
+    calls = 0
+
+    def counted(i, t, z):
+        return z if on_step is None else on_step(calls + i, t, z)
+
+    for _ in range(num_passes(pinned, length, tokens_per_pass) - 1):
+        z = transport_block(velocity, latents, scheduler, schedule, pinned, values, counted)
+        calls += len(scheduler.timesteps)
+        free = ~pinned
+        more = free.sum(1, keepdim=True) > tokens_per_pass  # samples whose last pass is still to come
+        group = free & (free.long().cumsum(1) <= tokens_per_pass) & more  # (B, L) the next tokens to fix
+        values = torch.where(group[..., None], project(z).to(values.dtype), values)
+        pinned = pinned | group
+    return transport_block(velocity, latents, scheduler, schedule, pinned, values, counted)
+
+
+__all__ = ["CachedStream", "NUM_TRAIN_TIMESTEPS", "SelfCondition", "clean_estimate", "guided_velocity", "num_passes",
+           "packed_cfg_mask", "packed_guided_velocity", "pin", "projected_velocity", "round_to", "transport_block",
+           "transport_in_passes"]
