@@ -475,9 +475,10 @@ class ColaPipeline(DiffusionPipeline, ColaLoraLoaderMixin):
         if run.sub_block_size >= self.block_size:
             return transport_block(velocity, noise, run.scheduler, schedule, pinned, values, on_step)
         # a prompt's pinned tokens leave fewer passes in block 0; the bar still counts the full block
-        skipped = self._calls_per_block(run) - num_passes(pinned, self.block_size, run.sub_block_size) * run.solver.model_calls(run.num_steps)
-        bar.update(skipped)
-        return transport_in_passes(velocity, noise, run.scheduler, schedule, project, run.sub_block_size, pinned, values, on_step)
+        passes = num_passes(pinned, self.block_size, run.sub_block_size)
+        bar.update(self._calls_per_block(run) - passes * run.solver.model_calls(run.num_steps))
+        return transport_in_passes(velocity, noise, run.scheduler, schedule, project, run.sub_block_size, pinned, values,
+                                   on_step)
 
     def _calls_per_block(self, run: "_Run") -> int:
         """DiT calls (progress-bar steps) of a block with nothing pinned."""

@@ -251,7 +251,8 @@ def transport_in_passes(
     pinned yet are pinned at ``project(result)`` (e.g. the VAE latents of their decoded tokens), so the
     next pass generates the rest of the block conditioned on them, as on a partial prompt block. A
     sample's last ``tokens_per_pass`` free tokens are never pinned: they come from the final pass, which
-    for a sample that needed fewer passes repeats its own last one, so samples are batch-independent. ``on_step`` receives the model-call index counted across passes.
+    for a sample that needed fewer passes repeats its own last one, so samples are batch-independent.
+    ``on_step`` receives the model-call index counted across passes.
     """
     bsz, length = latents.shape[:2]
     pinned = torch.zeros(bsz, length, dtype=torch.bool, device=latents.device) if pinned is None else pinned.bool()
