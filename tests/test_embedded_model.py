@@ -30,6 +30,14 @@ def test_generates_eight_tokens(pipe):
     assert out.block_ids.shape[1] == 8 or bool(out.finished[0])  # two blocks of four, unless it stopped
 
 
+def test_shipped_sampler_uses_sequential_sub_blocks(pipe):
+    assert pipe.config.sub_block_size == 1 and pipe.config.clamp_below is None
+    call = dict(max_new_tokens=8, noise_seed=0, stop_token_ids=[])
+    default, one_pass = pipe("The old house", **call), pipe("The old house", sub_block_size=4, **call)
+    assert torch.equal(default.latents, pipe("The old house", sub_block_size=1, **call).latents)
+    assert not torch.equal(default.latents, one_pass.latents)
+
+
 def test_reconstructs_held_out_text(pipe):
     text = "A small house in the country where people live."
     ids = torch.tensor([pipe.tokenizer(text, add_special_tokens=False)["input_ids"]])
