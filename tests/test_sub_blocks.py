@@ -133,8 +133,10 @@ def test_cli_generate_sub_block_size(capsys):
     from colabridge.cli import main
 
     args = ["generate", "The old house", "--max-new-tokens", "8", "--steps", "4", "--noise-seed", "0"]
-    main(args)
-    plain = capsys.readouterr().out
+    main(args + ["--sub-block-size", "4"])
+    one_pass = capsys.readouterr().out
     main(args + ["--sub-block-size", "1"])
     sequential = capsys.readouterr().out
-    assert sequential.startswith("The old house") and sequential != plain
+    assert sequential.startswith("The old house") and sequential != one_pass
+    main(args)  # the embedded model's config sets sub_block_size=1
+    assert capsys.readouterr().out == sequential
