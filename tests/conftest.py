@@ -31,6 +31,20 @@ def official_pipe():
     return pipe
 
 
+@pytest.fixture
+def encode_calls(official_pipe, monkeypatch) -> list:
+    """``(input_ids, attention_mask, posterior mode)`` of every ``official_pipe.vae.encode`` call in the test."""
+    calls, encode = [], official_pipe.vae.encode
+
+    def spy(input_ids, attention_mask=None):
+        out = encode(input_ids, attention_mask)
+        calls.append((input_ids.clone(), attention_mask.clone(), out.mode().float()))
+        return out
+
+    monkeypatch.setattr(official_pipe.vae, "encode", spy)
+    return calls
+
+
 class SimulatedCrash(Exception):
     """Raised by :func:`crash_after_checkpoint` in place of a kill."""
 

@@ -25,16 +25,8 @@ def test_projected_velocity_lands_on_the_projection_below_max_sigma():
     assert torch.allclose(identity, v, atol=1e-5)
 
 
-def test_clamped_blocks_end_on_the_re_encoding_of_their_tokens_in_context(official_pipe, monkeypatch):
-    pipe, calls = official_pipe, []
-    encode = pipe.vae.encode
-
-    def spy(input_ids, attention_mask=None):
-        out = encode(input_ids, attention_mask)
-        calls.append((input_ids.clone(), attention_mask.clone(), out.mode().float()))
-        return out
-
-    monkeypatch.setattr(pipe.vae, "encode", spy)
+def test_clamped_blocks_end_on_the_re_encoding_of_their_tokens_in_context(official_pipe, encode_calls):
+    pipe, calls = official_pipe, encode_calls
     out = pipe(**CALL, clamp_below=1.0, num_inference_steps=4)
     prompts = pipe.tokenize(CALL["prompt"])
     bs, trim = pipe.block_size, [len(p) % pipe.block_size for p in prompts]

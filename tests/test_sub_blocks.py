@@ -66,16 +66,8 @@ def test_sub_block_size_equal_to_block_size_is_the_official_sampler(official_pip
     assert torch.equal(official_pipe(**CALL, sub_block_size=official_pipe.block_size).latents, official_pipe(**CALL).latents)
 
 
-def test_fixed_tokens_are_the_re_encoding_of_their_tokens_in_context(official_pipe, monkeypatch):
-    pipe, calls = official_pipe, []
-    encode = pipe.vae.encode
-
-    def spy(input_ids, attention_mask=None):
-        out = encode(input_ids, attention_mask)
-        calls.append((input_ids.clone(), attention_mask.clone(), out.mode().float()))
-        return out
-
-    monkeypatch.setattr(pipe.vae, "encode", spy)
+def test_fixed_tokens_are_the_re_encoding_of_their_tokens_in_context(official_pipe, encode_calls):
+    pipe, calls = official_pipe, encode_calls
     out = pipe(**CALL, sub_block_size=1)
     prompts = pipe.tokenize(CALL["prompt"])
     bs, trim = pipe.block_size, [len(p) % pipe.block_size for p in prompts]
