@@ -1,7 +1,7 @@
 """The shared block-causal flow-matching engine.
 
 A *block* is a run of latent tokens ``(B, L, C)``; nothing here knows whether they are text, image
-patches or video frames. The engine has four pieces:
+patches or video frames. The engine has five pieces:
 
 * :class:`CachedStream` — one model's committed history in an explicit :class:`~colabridge.KVCache`
   (the prior's, or a decoder's), with per-sample positions so samples with different history lengths
