@@ -21,7 +21,7 @@ from .. import checkpoints
 from ..models import ColaDiT, ColaTextVAE
 from ..data.text import pad_rows
 from ..sampling.engine import (CachedStream, guided_velocity, num_passes, packed_guided_velocity, projected_velocity,
-                               round_to, transport_block, transport_in_passes)
+                               round_to, transport_in_passes)
 from ..sampling.solvers import Solver, get_solver
 from ..sampling.tokens import select_tokens
 from .lora_mixin import ColaLoraLoaderMixin
@@ -471,14 +471,11 @@ class ColaPipeline(DiffusionPipeline, ColaLoraLoaderMixin):
         if run.clamp_below is not None:
             velocity = projected_velocity(velocity, project, run.clamp_below)
         on_step = self._step_callback(run.callback, run.callback_inputs, block * self._calls_per_block(run), bar)
-        schedule = run.solver.schedule(run.num_steps)
-        if run.sub_block_size >= self.block_size:
-            return transport_block(velocity, noise, run.scheduler, schedule, pinned, values, on_step)
-        # a prompt's pinned tokens leave fewer passes in block 0; the bar still counts the full block
+        # a prompt's pinned tokens can leave fewer passes in block 0; the bar still counts the full block
         passes = num_passes(pinned, self.block_size, run.sub_block_size)
         bar.update(self._calls_per_block(run) - passes * run.solver.model_calls(run.num_steps))
-        return transport_in_passes(velocity, noise, run.scheduler, schedule, project, run.sub_block_size, pinned, values,
-                                   on_step)
+        return transport_in_passes(velocity, noise, run.scheduler, run.solver.schedule(run.num_steps), project,
+                                   run.sub_block_size, pinned, values, on_step)
 
     def _calls_per_block(self, run: "_Run") -> int:
         """DiT calls (progress-bar steps) of a block with nothing pinned."""

@@ -238,7 +238,7 @@ def transport_in_passes(
     latents: torch.Tensor,
     scheduler,
     schedule: dict,
-    project: Callable[[torch.Tensor], torch.Tensor],
+    project: Callable[[torch.Tensor], torch.Tensor] | None,
     tokens_per_pass: int,
     pinned: torch.Tensor | None = None,
     pinned_values: torch.Tensor | None = None,
@@ -252,7 +252,8 @@ def transport_in_passes(
     next pass generates the rest of the block conditioned on them, as on a partial prompt block. A
     sample's last ``tokens_per_pass`` free tokens are never pinned: they come from the final pass, which
     for a sample that needed fewer passes repeats its own last one, so samples are batch-independent.
-    ``on_step`` receives the model-call index counted across passes.
+    ``on_step`` receives the model-call index counted across passes. With ``tokens_per_pass >= L`` this is
+    one :func:`transport_block` (``project`` may then be None).
     """
     bsz, length = latents.shape[:2]
     pinned = torch.zeros(bsz, length, dtype=torch.bool, device=latents.device) if pinned is None else pinned.bool()
