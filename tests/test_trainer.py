@@ -142,3 +142,66 @@ def test_lora_stage_trains_adapter_only(tmp_path):
     assert (tmp_path / "lora" / "adapter" / ADAPTER_WEIGHTS).is_file()
     evals = [json.loads(line) for line in (tmp_path / "lora" / "eval.jsonl").read_text().splitlines()]
     assert "heldout_fm" in evals[-2] and "base_heldout_fm" in evals[-1]
+
+
+def _safetensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_ema_weights_resume_exactly_and_are_exported(tmp_path):
+    from colabridge.training.ema import EMA_FILE
+
+    ema = {"decay": 0.9}
+    full = tmp_path / "full"
+    T.train(tiny_config(full, ema=ema, eval_every=3))
+    split = tmp_path / "split"
+    T.train(tiny_config(split, ema=ema), stop_at_step=2)
+    T.train(tiny_config(split, ema=ema), resume=True)
+
+    ckpt = T.latest_checkpoint(full)
+    averaged, raw = _safetensors(ckpt / EMA_FILE), _safetensors(ckpt / "model.safetensors")
+    assert averaged.keys() <= raw.keys() and not any(k.startswith("ref_vae.") for k in averaged)
+    assert any(not torch.equal(averaged[k], raw[k]) for k in averaged)  # the average lags the weights
+    assert averaged.keys() == _safetensors(T.latest_checkpoint(split) / EMA_FILE).keys()
+    for part in ("vae", "transformer"):
+        a = _safetensors(full / "pipeline" / part / "diffusion_pytorch_model.safetensors")
+        b = _safetensors(split / "pipeline" / part / "diffusion_pytorch_model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), part  # resumed EMA == uninterrupted EMA
+    dit = _safetensors(full / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors")
+    params = [k for k in dit if "dit." + k in averaged]  # (not the rotary buffers)
+    assert len(params) > 10 and all(torch.equal(dit[k], averaged["dit." + k]) for k in params)  # the export holds the EMA
+    evals = [json.loads(line) for line in (full / "eval.jsonl").read_text().splitlines()]
+    assert {"heldout_fm", "ema_heldout_fm"} <= evals[0].keys() and evals[0]["step"] == 3
+
+    exported = T.export_checkpoint(tiny_config(full, ema=ema), tmp_path / "raw", ema=False)
+    dit_raw = _safetensors(exported / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(dit_raw[k], raw["dit." + k]) for k in params)
+
+
+def test_ema_follows_its_decay():
+    from colabridge.training.ema import EMAWeights
+
+    layer = torch.nn.Linear(2, 2)
+    start = layer.weight.detach().clone()
+    ema = EMAWeights(layer, decay=0.5, min_decay=0.5)  # 0.5 after EMAModel's first step (a copy)
+    ema.step()
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    ema.step()
+    with ema.applied():
+        assert torch.allclose(layer.weight, start + 0.5)
+    assert torch.allclose(layer.weight, start + 1.0)  # the trained weights are back
+
+
+def test_resume_without_ema_state_starts_the_average(tmp_path, capsys):
+    T.train(tiny_config(tmp_path, max_steps=4), stop_at_step=2)
+    T.train(tiny_config(tmp_path, max_steps=4, ema={"decay": 0.9}), resume=True)
+    assert "holds no EMA weights" in capsys.readouterr().out
+    assert (T.latest_checkpoint(tmp_path) / "ema.safetensors").is_file()
+
+
+def test_bad_ema_option_names_the_field():
+    with pytest.raises(ValueError, match="ema: unknown option.*'decai'"):
+        T.TrainConfig(ema={"decai": 0.9})

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -41,9 +42,11 @@ def read_state(checkpoint: Path) -> dict:
     return json.loads((Path(checkpoint) / STATE_FILE).read_text())
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int, extra: dict | None = None) -> Path:
+def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int, extra: dict | None = None,
+                    write_files: Callable[[Path], object] | None = None) -> Path:
     """``save_state`` into a temporary folder, then an atomic rename to ``checkpoint-<step>``; keeps
-    the newest ``keep`` checkpoints (all when ``keep <= 0``). ``extra`` (JSON) is stored beside the step."""
+    the newest ``keep`` checkpoints (all when ``keep <= 0``). ``extra`` (JSON) is stored beside the step;
+    ``write_files(folder)`` (main process) adds files of its own, e.g. EMA weights, before the rename."""
     root = checkpoint_dir(output_dir)
     final, tmp = root / f"{CHECKPOINT_PREFIX}{step}", root / f"{TMP_PREFIX}{CHECKPOINT_PREFIX}{step}"
     if accelerator.is_main_process:
@@ -53,6 +56,8 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int, extra: 
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if write_files is not None:
+            write_files(tmp)
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **(extra or {})}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -64,13 +69,13 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int, extra: 
 
 
 def load_latest_checkpoint(accelerator, output_dir: Path) -> dict | None:
-    """``load_state`` of the latest complete checkpoint; returns its :func:`read_state`, or None if
-    there is none."""
+    """``load_state`` of the latest complete checkpoint; returns its :func:`read_state` plus ``"path"``
+    (the checkpoint folder), or None if there is none."""
     checkpoint = latest_checkpoint(output_dir)
     if checkpoint is None:
         return None
     accelerator.load_state(str(checkpoint))
-    return read_state(checkpoint)
+    return {**read_state(checkpoint), "path": checkpoint}
 
 
 class GeneratorState:

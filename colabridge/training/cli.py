@@ -26,6 +26,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, help="override the config's max_steps (the LR schedule horizon)")
     p.add_argument("--stop-at-step", type=int, help="end this invocation after this step (checkpointed); resume later")
     p.add_argument("--export", metavar="FOLDER", help="do not train: export the latest checkpoint's models to FOLDER")
+    p.add_argument("--raw-weights", action="store_true", help="with --export: the trained weights, not the EMA (runs with an ema config)")
     p.add_argument("--freeze-vae", action="store_true", help="official DiT-only recipe: VAE frozen, only flow matching")
 
 
@@ -49,7 +50,7 @@ def cmd_train(args) -> None:
     from .trainer import export_checkpoint, train
 
     if args.export:
-        print(f"exported {export_checkpoint(config_from_args(args), args.export)}")
+        print(f"exported {export_checkpoint(config_from_args(args), args.export, ema=not args.raw_weights)}")
         return
     train(config_from_args(args), resume=args.resume, stop_at_step=args.stop_at_step)
 

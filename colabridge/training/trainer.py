@@ -12,7 +12,9 @@ reproduces the losses of an uninterrupted run.
 
 Outputs under ``output_dir``: ``tokenizer.json``, ``losses.csv`` + ``losses.png``, ``eval.jsonl``,
 ``checkpoints/checkpoint-<step>/``, and at the end ``vae/`` (+ ``transformer/`` and ``pipeline/``
-for Stage 2).
+for Stage 2). With ``ema`` set, each checkpoint also holds the EMA weights (``ema.safetensors``), the
+held-out evaluation is written for both weight sets (``ema_``-prefixed for the average), and the
+final exports hold the EMA weights, as diffusers' training scripts do.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import copy
 import json
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,6 +36,7 @@ from .checkpointing import (
     checkpoint_dir, latest_checkpoint, load_latest_checkpoint, load_model_weights, save_checkpoint,
 )
 from .curves import LossLog, plot_losses
+from .ema import EMAWeights, check_ema_options, has_ema, load_ema_into
 from .optim import OptimConfig, build_optimizer
 
 STAGES = ("vae", "joint", "lora")
@@ -87,6 +91,8 @@ class TrainConfig:
         max_steps: optimizer steps of the whole run (the LR schedule's horizon).
         save_every / keep_checkpoints: checkpoint period (optimizer steps) and how many to keep.
         eval_every / eval_rows: held-out evaluation period and size (0 = only at the end).
+        ema: ``diffusers.training_utils.EMAModel`` options (e.g. ``{"decay": 0.999}``) to keep an
+            exponential moving average of the trained weights; ``{}`` keeps none.
     """
 
     stage: str = "vae"
@@ -112,6 +118,7 @@ class TrainConfig:
     eval_rows: int = 256
     mixed_precision: str = "no"
     num_threads: int | None = 1
+    ema: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -122,6 +129,7 @@ class TrainConfig:
             self.data = DataConfig(**self.data)
         if isinstance(self.optim, dict):
             self.optim = OptimConfig(**self.optim)
+        check_ema_options(self.ema)
         if self.stage == "lora" and self.init_pipeline and not self.data.tokenizer:
             self.data.tokenizer = str(Path(self.init_pipeline) / "tokenizer" / "tokenizer.json")
 
@@ -374,8 +382,11 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = Non
     model, optimizer = accelerator.prepare(objective, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     set_seed(cfg.seed + accelerator.process_index)  # per-rank noise streams
+    ema = EMAWeights(objective, **cfg.ema) if cfg.ema else None
     state = load_latest_checkpoint(accelerator, out) if resume else None
     step = state["step"] if state else 0
+    if ema is not None and state:
+        resume_ema(ema, state["path"])
     plan = BatchPlan(len(train_rows), cfg.batch_size, accelerator.num_processes, accelerator.process_index, cfg.seed)
     log = LossLog(out / "losses.csv", accelerator.is_main_process, step)
     last = cfg.max_steps if stop_at_step is None else min(cfg.max_steps, stop_at_step)
@@ -383,6 +394,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = Non
     start = time.time()
     while step < last:
         logs = train_step(accelerator, model, optimizer, scheduler, plan, train_rows, step, cfg)
+        if ema is not None:
+            ema.step()
         step += 1
         bar.update()
         if step % cfg.log_every == 0 or step == last:
@@ -390,15 +403,15 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = Non
             log.append(row)
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "recon", "fm", "acc")})
         if cfg.eval_every and step % cfg.eval_every == 0 and accelerator.is_main_process:
-            _write_eval(out, step, evaluate(accelerator.unwrap_model(model), held_rows, cfg.eval_rows, cfg.seed))
+            _write_eval(out, step, evaluate_with_ema(accelerator.unwrap_model(model), ema, held_rows, cfg))
         if step % cfg.save_every == 0 or step == last:
-            save_checkpoint(accelerator, out, step, cfg.keep_checkpoints)
+            save_checkpoint(accelerator, out, step, cfg.keep_checkpoints, write_files=ema.save if ema else None)
     bar.close()
     unwrapped = accelerator.unwrap_model(model)
     if step >= cfg.max_steps and cfg.stage == "vae" and cfg.latent_stats == "estimate":
         fit_latent_stats(unwrapped.vae, train_rows)  # on every rank: it changes parameters
     if accelerator.is_main_process and step >= cfg.max_steps:
-        finish(cfg, unwrapped, out, held_rows, step)
+        finish(cfg, unwrapped, out, held_rows, step, ema)
     accelerator.wait_for_everyone()
     return unwrapped
 
@@ -426,19 +439,42 @@ def train_step(accelerator, model, optimizer, scheduler, plan: BatchPlan, rows: 
     return {k: float(v) for k, v in zip(names, stacked)}
 
 
+def resume_ema(ema: EMAWeights, checkpoint: Path) -> None:
+    """Load the checkpoint's EMA weights; a checkpoint written without EMA starts the average here."""
+    if has_ema(checkpoint):
+        ema.load(checkpoint)
+    else:
+        print(f"[colabridge train] {checkpoint.name} holds no EMA weights: the EMA starts from its weights now.")
+
+
+def evaluate_with_ema(objective: Objective, ema: EMAWeights | None, rows: TextRows | None, cfg: TrainConfig) -> dict:
+    """:func:`evaluate` of the trained weights, plus the same metrics of the EMA weights (``ema_`` prefix)."""
+    metrics = evaluate(objective, rows, cfg.eval_rows, cfg.seed)
+    if ema is not None:
+        with ema.applied():
+            metrics.update({"ema_" + k: v for k, v in evaluate(objective, rows, cfg.eval_rows, cfg.seed).items()})
+    return metrics
+
+
 def _write_eval(out: Path, step: int, metrics: dict) -> None:
     with (out / "eval.jsonl").open("a") as fh:
         fh.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
-def finish(cfg: TrainConfig, objective: Objective, out: Path, held_rows, step: int) -> None:
-    """Final evaluation, loss curve and exported models (``vae/``, ``transformer/``, ``pipeline/``)."""
-    metrics = evaluate(objective, held_rows, cfg.eval_rows, cfg.seed)
+def finish(cfg: TrainConfig, objective: Objective, out: Path, held_rows, step: int, ema: EMAWeights | None = None) -> None:
+    """Final evaluation, loss curve and exported models (``vae/``, ``transformer/``, ``pipeline/``;
+    the EMA weights when the run keeps an EMA)."""
+    metrics = evaluate_with_ema(objective, ema, held_rows, cfg)
     _write_eval(out, step, metrics)
     print(f"[colabridge train] step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     note = plot_losses(out / "losses.csv", out / "losses.png")
     if note:
         print(f"[colabridge train] {note}")
+    with ema.applied() if ema is not None else nullcontext():
+        export_models(cfg, objective, out, held_rows, step)
+
+
+def export_models(cfg: TrainConfig, objective: Objective, out: Path, held_rows, step: int) -> None:
     if cfg.stage == "lora":
         finish_lora(objective, out, held_rows, cfg, step)
         return
@@ -474,9 +510,11 @@ def export_pipeline(vae: ColaTextVAE, dit: ColaDiT, tokenizer_json: Path, folder
     return folder
 
 
-def export_checkpoint(cfg: TrainConfig, folder: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> Path:
-    """Rebuild the run's models, load a checkpoint's weights (default: the latest) and save them as
-    ``vae/`` (Stage 1) or a pipeline folder (Stage 2) under ``folder``, while training may go on."""
+def export_checkpoint(cfg: TrainConfig, folder: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
+                      ema: bool = True) -> Path:
+    """Rebuild the run's models, load a checkpoint's weights (default: the latest; its EMA weights if it
+    holds them and ``ema``) and save them as ``vae/`` (Stage 1), an adapter (LoRA) or a pipeline
+    folder (Stage 2) under ``folder``, while training may go on."""
     from accelerate import Accelerator
 
     out = Path(cfg.output_dir)
@@ -486,6 +524,8 @@ def export_checkpoint(cfg: TrainConfig, folder: str | os.PathLike, checkpoint: s
     tokenizer, train_rows, _ = prepare_data(cfg.data, out, Accelerator(cpu=True))
     objective = build_objective(cfg, tokenizer.get_vocab_size(), train_rows)
     objective.load_state_dict(load_model_weights(ckpt))
+    if ema and has_ema(ckpt):
+        load_ema_into(objective, ckpt)
     folder = Path(folder)
     if cfg.stage == "lora":
         from .lora import save_adapter
