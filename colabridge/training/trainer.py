@@ -23,7 +23,6 @@ import copy
 import json
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -408,10 +407,14 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at_step: int | None = Non
             save_checkpoint(accelerator, out, step, cfg.keep_checkpoints, write_files=ema.save if ema else None)
     bar.close()
     unwrapped = accelerator.unwrap_model(model)
-    if step >= cfg.max_steps and cfg.stage == "vae" and cfg.latent_stats == "estimate":
-        fit_latent_stats(unwrapped.vae, train_rows)  # on every rank: it changes parameters
-    if accelerator.is_main_process and step >= cfg.max_steps:
-        finish(cfg, unwrapped, out, held_rows, step, ema)
+    if step >= cfg.max_steps:
+        metrics = evaluate_with_ema(unwrapped, ema, held_rows, cfg) if accelerator.is_main_process else {}
+        if ema is not None:  # the run's result is the average (on every rank: it changes parameters)
+            ema.model.copy_to(ema.params)
+        if cfg.stage == "vae" and cfg.latent_stats == "estimate":
+            fit_latent_stats(unwrapped.vae, train_rows)
+        if accelerator.is_main_process:
+            finish(cfg, unwrapped, out, held_rows, step, metrics)
     accelerator.wait_for_everyone()
     return unwrapped
 
@@ -461,20 +464,14 @@ def _write_eval(out: Path, step: int, metrics: dict) -> None:
         fh.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
-def finish(cfg: TrainConfig, objective: Objective, out: Path, held_rows, step: int, ema: EMAWeights | None = None) -> None:
-    """Final evaluation, loss curve and exported models (``vae/``, ``transformer/``, ``pipeline/``;
-    the EMA weights when the run keeps an EMA)."""
-    metrics = evaluate_with_ema(objective, ema, held_rows, cfg)
+def finish(cfg: TrainConfig, objective: Objective, out: Path, held_rows, step: int, metrics: dict) -> None:
+    """Write the final evaluation ``metrics`` and the loss curve, and export the models as they are now
+    (``vae/``, ``transformer/``, ``pipeline/``, or ``adapter/``)."""
     _write_eval(out, step, metrics)
     print(f"[colabridge train] step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     note = plot_losses(out / "losses.csv", out / "losses.png")
     if note:
         print(f"[colabridge train] {note}")
-    with ema.applied() if ema is not None else nullcontext():
-        export_models(cfg, objective, out, held_rows, step)
-
-
-def export_models(cfg: TrainConfig, objective: Objective, out: Path, held_rows, step: int) -> None:
     if cfg.stage == "lora":
         finish_lora(objective, out, held_rows, cfg, step)
         return
