@@ -61,7 +61,23 @@ def test_self_cond_needs_a_self_conditioned_model(official_pipe):
 def test_overrides_that_change_weights_are_rejected(official_pipe, tmp_path):
     official_pipe.transformer.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="do not fit the weights"):
+        load_dit(str(tmp_path), {"heads": official_pipe.transformer.config.heads * 2})
+    with pytest.raises(ValueError, match="multiple of the stored depth"):
         load_dit(str(tmp_path), {"num_layers": official_pipe.transformer.config.num_layers + 1})
+
+
+def test_a_grown_prior_computes_the_same_velocities(tmp_path):
+    """num_layers = 3 × stored: stored block i lands at 3i, the new blocks pass their input through."""
+    dit = tiny_sc_dit().eval()
+    dit.save_pretrained(tmp_path)
+    grown = load_dit(str(tmp_path), {"num_layers": 3 * dit.config.num_layers, "self_condition": True}).eval()
+    assert grown.config.num_layers == 3 * dit.config.num_layers
+    assert torch.equal(grown.blocks[3].msa.proj_qkv.weight, dit.blocks[1].msa.proj_qkv.weight)
+    x, sc = torch.randn(2, 2 * BLOCK, LATENT), torch.randn(2, 2 * BLOCK, LATENT)
+    t = torch.rand(2, 2 * BLOCK) * 1000
+    assert torch.allclose(grown(x, t, self_cond=sc).sample, dit(x, t, self_cond=sc).sample, atol=1e-6)
+    grown.blocks[1].ada.msa_out[1].bias.data.fill_(0.5)  # opening a new block's gate changes the output
+    assert not torch.allclose(grown(x, t, self_cond=sc).sample, dit(x, t, self_cond=sc).sample, atol=1e-3)
 
 
 def test_two_l_self_conditioning_equals_the_cached_sampler_layout():

@@ -251,20 +251,48 @@ class Objective(nn.Module):
 
 
 def load_dit(folder: str, overrides: dict) -> ColaDiT:
-    """``ColaDiT.from_pretrained(folder)`` with config ``overrides`` (e.g. ``{"self_condition": true}``).
+    """``ColaDiT.from_pretrained(folder)`` with config ``overrides``.
 
-    Overrides may only add modules that start from their own initialisation (``sc_in``); any other
-    missing, unexpected or reshaped weight raises, since it would silently train from random values.
+    Overrides may only add modules that start from their own initialisation: ``self_condition``
+    (``sc_in``, zero-initialised) and a deeper stack, ``num_layers`` = k × the stored depth, which
+    :func:`grow_dit` fills with identity blocks. Any other missing, unexpected or reshaped weight raises,
+    since it would silently train from random values.
     """
     if not overrides:
         return ColaDiT.from_pretrained(folder)
-    dit, info = ColaDiT.from_pretrained(folder, low_cpu_mem_usage=False, output_loading_info=True, **overrides)
+    stored = ColaDiT.load_config(folder)["num_layers"]
+    depth = overrides.get("num_layers", stored)
+    if depth != stored:
+        return grow_dit(load_dit(folder, {k: v for k, v in overrides.items() if k != "num_layers"}), depth)
+    dit, info = ColaDiT.from_pretrained(folder, low_cpu_mem_usage=False, output_loading_info=True,
+                                        ignore_mismatched_sizes=True, **overrides)
     new = [k for k in info["missing_keys"] if not k.startswith("sc_in.")]
     bad = new + list(info["unexpected_keys"]) + [k for k, *_ in info["mismatched_keys"]]
     if bad:
         raise ValueError(f"dit overrides {overrides} do not fit the weights in {folder}: {sorted(bad)[:6]} would not "
-                         "be loaded. Only overrides that add new modules (self_condition) can start from init_dit.")
+                         "be loaded. Only overrides that add new modules (self_condition, num_layers = k × stored) "
+                         "can start from init_dit.")
     return dit
+
+
+def grow_dit(dit: ColaDiT, num_layers: int) -> ColaDiT:
+    """A ``num_layers``-deep copy of ``dit`` computing the same function: stored block ``i`` becomes block
+    ``k·i`` (k = num_layers / depth) and the k − 1 blocks after it are new, with their adaLN-Zero gates at
+    zero, so they pass their input through until training opens them (depth growth of a trained prior)."""
+    depth = dit.config.num_layers
+    if num_layers % depth or num_layers < depth:
+        raise ValueError(f"dit num_layers={num_layers}: a grown prior needs a multiple of the stored depth {depth}.")
+    k = num_layers // depth
+    grown = ColaDiT.from_config({**dit.config, "num_layers": num_layers})
+    state = {}
+    for name, value in dit.state_dict().items():
+        if name.startswith("blocks."):
+            _, i, rest = name.split(".", 2)
+            name = f"blocks.{k * int(i)}.{rest}"
+        state[name] = value
+    missing, unexpected = grown.load_state_dict(state, strict=False)
+    assert not unexpected and all(m.startswith("blocks.") for m in missing), (missing, unexpected)
+    return grown
 
 
 def build_objective(cfg: TrainConfig, vocab_size: int, train_rows: TextRows) -> Objective:
