@@ -151,6 +151,28 @@ def test_timestep_densities():
         FlowMatchingConfig(timestep_density="cosine")
 
 
+def test_timesteps_per_block_are_shared_within_a_block_only(monkeypatch):
+    import colabridge.training.losses as L
+
+    seen = {}
+
+    def spy(dit, z0, zt, timestep, block_size, *args, **kwargs):
+        seen["t"], seen["block"] = timestep, block_size
+        return torch.zeros_like(zt)
+
+    monkeypatch.setattr(L, "two_l_velocity", spy)
+    z0 = torch.randn(3, 16, LATENT)
+    cfg = FlowMatchingConfig(timestep_per="block", block_sizes=[2, 4], prompt_block_prob=0.0)
+    flow_matching_loss(tiny_dit(), z0, cfg=cfg, generator=torch.Generator().manual_seed(1))
+    for t, bs in zip(seen["t"], seen["block"].tolist()):
+        blocks = t.view(-1, bs)  # (blocks, tokens of a block)
+        assert (blocks == blocks[:, :1]).all() and blocks[:, 0].unique().numel() == 16 // bs
+    flow_matching_loss(tiny_dit(), z0, cfg=FlowMatchingConfig(prompt_block_prob=0.0))  # official: one t per row
+    assert all(row.unique().numel() == 1 for row in seen["t"])
+    with pytest.raises(ValueError, match="timestep_per"):
+        FlowMatchingConfig(timestep_per="token")
+
+
 def test_gaussian_kl_zero_for_identical_and_positive_otherwise():
     from colabridge.models.text_vae import TextLatentPosterior
 

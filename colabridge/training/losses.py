@@ -58,6 +58,9 @@ class FlowMatchingConfig:
 
     Attributes:
         timestep_density: ``"logit_normal"`` (t = sigmoid(loc + scale·N(0,1))) or ``"uniform"``.
+        timestep_per: ``"row"`` (official: one t for every noisy block of a row) or ``"block"`` (an
+            independent t per block: the blocks are separate conditional problems under the 2L mask, so
+            a row then averages the loss over as many noise levels as it has blocks).
         logit_loc, logit_scale: logit-normal parameters (official pretraining loc 1.0, CPT/SFT 0.0).
         block_sizes: per-sample block sizes to draw from (official: {1, 2, 4, …, dit.block_size});
             empty means always ``dit.block_size``.
@@ -73,6 +76,7 @@ class FlowMatchingConfig:
     """
 
     timestep_density: str = "logit_normal"
+    timestep_per: str = "row"
     logit_loc: float = 0.0
     logit_scale: float = 1.0
     block_sizes: list[int] = field(default_factory=list)
@@ -84,6 +88,8 @@ class FlowMatchingConfig:
     def __post_init__(self):
         if self.timestep_density not in TIMESTEP_DENSITIES:
             raise ValueError(f"timestep_density={self.timestep_density!r}: use one of {TIMESTEP_DENSITIES}.")
+        if self.timestep_per not in ("row", "block"):
+            raise ValueError(f"timestep_per={self.timestep_per!r}: use 'row' (official) or 'block'.")
         if self.block_size_probs and len(self.block_size_probs) != len(self.block_sizes):
             raise ValueError(f"block_size_probs has {len(self.block_size_probs)} entries for "
                              f"{len(self.block_sizes)} block_sizes; give one probability per size.")
@@ -282,11 +288,13 @@ def flow_matching_loss(
     cfg = cfg or FlowMatchingConfig()
     bsz, length, _ = z0.shape
     device = z0.device
-    t = sample_timesteps(bsz, cfg, device, generator)  # (B,)
+    per_block = cfg.timestep_per == "block"
+    t = sample_timesteps(bsz * length if per_block else bsz, cfg, device, generator)  # (B·L,) or (B,)
     z1 = torch.randn(z0.shape, generator=generator, device=device, dtype=z0.dtype)
-    tt = t[:, None].expand(bsz, length).clone()  # (B, L) per-token t
     block = sample_block_sizes(bsz, dit.config.block_size, cfg, device, generator)  # (B,)
     pos = torch.arange(length, device=device).expand(bsz, length)
+    # (B, L) per-token t: the row's t, or the draw of the token's block (index = block number)
+    tt = t.view(bsz, length).gather(1, pos // block[:, None]) if per_block else t[:, None].expand(bsz, length).clone()
     pinned = _prompt_pins(pos, block, cfg.prompt_block_prob, generator)  # (B, L)
     dropped = _history_drops(pos, block, cfg.history_drop_prob, generator)  # (B, L) or None
     tt = tt.masked_fill(pinned, 0.0)
