@@ -12,7 +12,6 @@ import inspect
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
 EMA_FILE = "ema.safetensors"
