@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rows", type=int, default=512)
     p.add_argument("--history", type=int, default=8, help="true history in tokens (a multiple of the block size)")
     p.add_argument("--noise-levels", default="1.0,0.85,0.7,0.5")
+    p.add_argument("--no-decoder", action="store_true", help="skip measurement 1 (the generation)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -110,11 +111,12 @@ def main(argv: list[str] | None = None) -> dict:
     rows = torch.tensor([s[:width] for s in sentences if len(s) >= width][: args.rows])
     prompts = [s[: pipe.block_size] for s in sentences if len(s) > pipe.block_size][: args.rows]
 
-    result = {"decoder": decoder_readability(pipe, prompts, 32), "prior": {}}
-    d = result["decoder"]
-    print(f"Decoder on {len(prompts)} one-pass continuations: mean top probability {d['confidence']:.3f}, "
-          f"{100 * d['confident_0.9']:.1f}% above 0.9; distance to the re-encoding (median) {d['reencode_distance_median']:.2f}, "
-          f"against posterior noise {d['posterior_noise_median']:.2f} and the nearest other token {d['other_token_distance_median']:.2f}")
+    result = {"prior": {}}
+    if not args.no_decoder:
+        d = result["decoder"] = decoder_readability(pipe, prompts, 32)
+        print(f"Decoder on {len(prompts)} one-pass continuations: mean top probability {d['confidence']:.3f}, "
+              f"{100 * d['confident_0.9']:.1f}% above 0.9; distance to the re-encoding (median) {d['reencode_distance_median']:.2f}, "
+              f"against posterior noise {d['posterior_noise_median']:.2f} and the nearest other token {d['other_token_distance_median']:.2f}")
     print(f"\nNext block of {len(rows)} held-out sentences after {args.history} true tokens, greedy token of the decoded "
           "one-step clean estimate (per position in the block)\n\n| predictor | accuracy |\n|---|---|")
     for t in (float(x) for x in args.noise_levels.split(",")):
