@@ -38,17 +38,18 @@ def decoder_readability(pipe, prompts: list[list[int]], max_new_tokens: int) -> 
     out = pipe(prompt_ids=prompts, max_new_tokens=max_new_tokens, sub_block_size=pipe.block_size, drop_finished=False)
     prompt = torch.tensor(prompts)
     n = prompt.shape[1]
-    context = vae.normalize(vae.encode(prompt).mode())
+    posterior = vae.encode(prompt)
+    context = vae.normalize(posterior.mode())  # (B, n, C): the prompt latents the decoder sees
     probs = vae.decode(torch.cat((context, out.latents), 1))[:, n:].softmax(-1).max(-1).values  # (B, L)
     reencoded = vae.normalize(vae.encode(torch.cat((prompt, out.block_ids), 1)).mode())[:, n:]
     dist = (reencoded - out.latents).norm(dim=-1)
     keep = ((out.block_ids == eos).cumsum(1) - (out.block_ids == eos).long()) == 0  # up to the first eos
-    mode, sample = context, vae.normalize(vae.encode(prompt).sample())
-    flat, tok = mode.flatten(0, 1), prompt.flatten()
+    sample = vae.normalize(posterior.sample())
+    flat, tok = context.flatten(0, 1), prompt.flatten()
     other = torch.cdist(flat, flat).masked_fill(tok[:, None] == tok[None, :], float("inf")).min(1).values
     return {"confidence": float(probs[keep].mean()), "confident_0.9": float((probs[keep] > 0.9).float().mean()),
             "reencode_distance_median": float(dist[keep].median()),
-            "posterior_noise_median": float((sample - mode).norm(dim=-1).median()),
+            "posterior_noise_median": float((sample - context).norm(dim=-1).median()),
             "other_token_distance_median": float(other.median())}
 
 
