@@ -246,6 +246,7 @@ class ColaTextVAE(ModelMixin, ConfigMixin):
         valid: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         commit: bool = False,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Latents ``(B, L, c)`` -> logits ``(B, L·p, V)``, attending to ``kv_cache`` history if given.
 
@@ -253,6 +254,8 @@ class ColaTextVAE(ModelMixin, ConfigMixin):
             position_ids: ``(B, L)`` positions within each sample; default continues after the cache.
             valid: ``(B, L)`` False for padding rows.
             commit: append this call's keys/values to ``kv_cache`` (official ``update_kv=True``).
+            attention_mask: boolean ``(B, 1, L, Lk)`` replacing the block-causal mask (True = may attend),
+                e.g. the training "clean copy beside estimate" mask of :func:`~colabridge.training.losses.rounding_loss`.
         """
         bsz, n, _ = latents.shape
         if position_ids is None:
@@ -260,7 +263,7 @@ class ColaTextVAE(ModelMixin, ConfigMixin):
         if valid is None:
             valid = torch.ones(bsz, n, dtype=torch.bool, device=latents.device)
         k_pos, k_valid = (position_ids, valid) if kv_cache is None else kv_cache.layout(position_ids, valid)
-        mask = self._mask(position_ids, k_pos, k_valid, valid)
+        mask = self._mask(position_ids, k_pos, k_valid, valid) if attention_mask is None else attention_mask
         x = self.decoder.in_layer(latents)
         rope = self._rope(position_ids, x.dtype)
         for i, block in enumerate(self.decoder.blocks):

@@ -10,7 +10,8 @@ Everything here is plain maths on models and tensors, shared by the trainers and
   target ``z1 − z0``, timestep ``t·1000``, one ``t`` per sample, fed with the "2L trick"
   ``[clean z0 | noisy z_t]`` under :func:`two_l_mask` (:func:`flow_matching_loss`).
 * Stage 2, joint: ``λ_vae·(recon + λ_mask·L_mask + β·KL) + λ_fm·L_FM + λ_ref·KL(q_φ ‖ q_φ_ref)``
-  (:func:`joint_loss`); ``freeze_vae=True`` is the official DiT-only recipe.
+  (:func:`joint_loss`); ``freeze_vae=True`` is the official DiT-only recipe. An optional rounding term
+  ``λ_round·(−log p_θ(x | ẑ0))`` (Li et al. 2022, Diffusion-LM) decodes the DiT's clean estimates.
 
 Every loss returns ``(total, logs)`` where ``logs`` maps names to detached scalars, so each part
 can be watched separately (the paper's diagnostic point). Randomness comes from an optional
@@ -103,6 +104,8 @@ class JointLossConfig:
         vae: the Stage-1 terms, weighted together by ``vae_weight``.
         fm: flow-matching options.
         vae_weight, fm_weight, ref_weight: λ_VAE, λ_fm, λ_ref.
+        round_weight: λ_round, weight of Diffusion-LM's rounding term (:func:`rounding_loss`: the decoder's
+            cross-entropy of the true tokens given the DiT's clean estimates); 0 (official) skips it.
         detach_latents: stop the FM gradient at z0 (True: the VAE is trained by its own terms only;
             False: the joint stage proper, FM gradients reach the encoder).
         freeze_vae: the official DiT-only recipe: VAE in no-grad mode, only ``L_FM`` is optimised.
@@ -114,6 +117,7 @@ class JointLossConfig:
     vae_weight: float = 1.0
     fm_weight: float = 1.0
     ref_weight: float = 0.1
+    round_weight: float = 0.0
     detach_latents: bool = False
     freeze_vae: bool = False
     fm_latents: str = "sample"
@@ -269,6 +273,61 @@ def vae_loss(vae, input_ids, loss_mask=None, cfg: VAELossConfig | None = None, a
 # --------------------------------------------------------------------------- flow matching
 
 
+@dataclass
+class FlowMatchingPass:
+    """One DiT pass of :func:`flow_matching_pass`: what the FM loss and the rounding loss read.
+
+    ``velocity``, ``target``, ``z0``, ``zt`` ``(B, L, C)``; ``steps`` ``(B, L)`` on the 0…1000 scale;
+    ``block`` ``(B,)`` block sizes; ``valid`` and ``weights`` ``(B, L)`` (positions that count).
+    """
+
+    velocity: torch.Tensor
+    target: torch.Tensor
+    z0: torch.Tensor
+    zt: torch.Tensor
+    steps: torch.Tensor
+    block: torch.Tensor
+    valid: torch.Tensor
+    weights: torch.Tensor
+
+    def mse(self) -> torch.Tensor:
+        """``Σ weights·mean_c(v̂ − (z1 − z0))² / max(Σ weights, 1)``."""
+        return masked_mean((self.velocity.float() - self.target.float()).pow(2).mean(-1), self.weights)
+
+    def clean_estimate(self) -> torch.Tensor:
+        """The DiT's one-step clean estimate ``ẑ0 = z_t − σ·v̂`` ``(B, L, C)``."""
+        return clean_estimate(self.zt, self.steps, self.velocity.to(self.zt.dtype))
+
+
+def flow_matching_pass(
+    dit, z0: torch.Tensor, loss_mask: torch.Tensor | None = None, cfg: FlowMatchingConfig | None = None,
+    valid: torch.Tensor | None = None, generator: torch.Generator | None = None,
+) -> FlowMatchingPass:
+    r"""Noise ``z0`` and run the DiT once with the 2L trick (spec §6.1); see :func:`flow_matching_loss`."""
+    cfg = cfg or FlowMatchingConfig()
+    bsz, length, _ = z0.shape
+    device = z0.device
+    per_block = cfg.timestep_per == "block"
+    t = sample_timesteps(bsz * length if per_block else bsz, cfg, device, generator)  # (B·L,) or (B,)
+    z1 = torch.randn(z0.shape, generator=generator, device=device, dtype=z0.dtype)
+    block = sample_block_sizes(bsz, dit.config.block_size, cfg, device, generator)  # (B,)
+    pos = torch.arange(length, device=device).expand(bsz, length)
+    # (B, L) per-token t: the row's t, or the draw of the token's block (index = block number)
+    tt = t.view(bsz, length).gather(1, pos // block[:, None]) if per_block else t[:, None].expand(bsz, length).clone()
+    pinned = _prompt_pins(pos, block, cfg.prompt_block_prob, generator)  # (B, L)
+    dropped = _history_drops(pos, block, cfg.history_drop_prob, generator)  # (B, L) or None
+    tt = tt.masked_fill(pinned, 0.0)
+    zt = ((1 - tt[..., None]) * z0 + tt[..., None] * z1).to(z0.dtype)  # (B, L, C)
+    valid = torch.ones(bsz, length, dtype=torch.bool, device=device) if valid is None else valid.bool()
+    steps = tt * NUM_TRAIN_TIMESTEPS
+    sc = None
+    if getattr(dit.config, "self_condition", False):
+        sc = self_condition_estimate(dit, z0, zt, steps, block, valid, cfg.self_condition_prob, generator, dropped)
+    out = two_l_velocity(dit, z0, zt, steps, block, valid, self_cond=sc, history_drop=dropped)
+    weights = valid & ~pinned if loss_mask is None else loss_mask.bool() & valid & ~pinned
+    return FlowMatchingPass(out, z1 - z0, z0, zt, steps, block, valid, weights)
+
+
 def flow_matching_loss(
     dit, z0: torch.Tensor, loss_mask: torch.Tensor | None = None, cfg: FlowMatchingConfig | None = None,
     valid: torch.Tensor | None = None, generator: torch.Generator | None = None,
@@ -285,31 +344,33 @@ def flow_matching_loss(
     the noisy half. With ``prompt_block_prob``, the first ``s`` tokens of some noisy blocks are
     clean (t = 0) and leave the loss, as a pinned prompt block does at inference.
     """
-    cfg = cfg or FlowMatchingConfig()
-    bsz, length, _ = z0.shape
-    device = z0.device
-    per_block = cfg.timestep_per == "block"
-    t = sample_timesteps(bsz * length if per_block else bsz, cfg, device, generator)  # (B·L,) or (B,)
-    z1 = torch.randn(z0.shape, generator=generator, device=device, dtype=z0.dtype)
-    block = sample_block_sizes(bsz, dit.config.block_size, cfg, device, generator)  # (B,)
-    pos = torch.arange(length, device=device).expand(bsz, length)
-    # (B, L) per-token t: the row's t, or the draw of the token's block (index = block number)
-    tt = t.view(bsz, length).gather(1, pos // block[:, None]) if per_block else t[:, None].expand(bsz, length).clone()
-    pinned = _prompt_pins(pos, block, cfg.prompt_block_prob, generator)  # (B, L)
-    dropped = _history_drops(pos, block, cfg.history_drop_prob, generator)  # (B, L) or None
-    tt = tt.masked_fill(pinned, 0.0)
-    zt = (1 - tt[..., None]) * z0 + tt[..., None] * z1  # (B, L, C)
-    target = z1 - z0
-    valid = torch.ones(bsz, length, dtype=torch.bool, device=device) if valid is None else valid.bool()
-    zt, steps = zt.to(z0.dtype), tt * NUM_TRAIN_TIMESTEPS
-    sc = None
-    if getattr(dit.config, "self_condition", False):
-        sc = self_condition_estimate(dit, z0, zt, steps, block, valid, cfg.self_condition_prob, generator, dropped)
-    out = two_l_velocity(dit, z0, zt, steps, block, valid, self_cond=sc, history_drop=dropped)
-    weights = valid & ~pinned if loss_mask is None else loss_mask.bool() & valid & ~pinned
-    mse = (out.float() - target.float()).pow(2).mean(-1)  # (B, L)
-    loss = masked_mean(mse, weights)
-    return loss, {"fm": loss.detach(), "t_mean": t.mean().detach()}
+    fm_pass = flow_matching_pass(dit, z0, loss_mask, cfg, valid, generator)
+    loss = fm_pass.mse()
+    return loss, _fm_logs(fm_pass, loss)
+
+
+def _fm_logs(fm_pass: FlowMatchingPass, loss: torch.Tensor) -> dict:
+    return {"fm": loss.detach(), "t_mean": fm_pass.steps.mean().detach() / NUM_TRAIN_TIMESTEPS}
+
+
+def rounding_loss(vae, fm_pass: FlowMatchingPass, input_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Diffusion-LM's rounding term ``−log p_θ(x | ẑ0)`` on the DiT's clean estimates; ``(ce, accuracy)``.
+
+    The decoder reads ``[z0 | ẑ0]`` under :func:`two_l_mask`, so each estimated block is decoded beside
+    the clean history it was predicted from (as the sampler decodes a finished block), and the
+    cross-entropy of the estimate half against ``input_ids`` counts at ``fm_pass.weights``. Gradients
+    reach the DiT through ``ẑ0``, pulling its estimates towards latents the decoder reads as the true token.
+    """
+    z0_hat = fm_pass.clean_estimate()
+    bsz, length, _ = z0_hat.shape
+    pos = torch.arange(length, device=z0_hat.device).expand(bsz, length)
+    mask = two_l_mask(pos, fm_pass.block, fm_pass.valid)
+    logits = vae.decode(torch.cat((fm_pass.z0, z0_hat), 1), position_ids=torch.cat((pos, pos), 1),
+                        valid=torch.cat((fm_pass.valid, fm_pass.valid), 1), attention_mask=mask)
+    patch = logits.shape[1] // (2 * length)
+    logits = logits[:, length * patch:]  # (B, L·p, V): the estimate half
+    weights = fm_pass.weights.repeat_interleave(patch, dim=1)
+    return token_cross_entropy(logits, input_ids, weights), token_accuracy(logits.detach(), input_ids, weights)
 
 
 def self_condition_estimate(dit, z0: torch.Tensor, zt: torch.Tensor, timestep: torch.Tensor, block_size,
@@ -381,28 +442,27 @@ def joint_loss(
     cfg: JointLossConfig | None = None, ref_vae=None, attention_mask=None,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    r"""Stage-2 loss ``λ_vae·L_VAE + λ_fm·L_FM + λ_ref·KL(q_φ ‖ q_φ_ref)``; returns ``(loss, logs)``.
+    r"""Stage-2 loss ``λ_vae·L_VAE + λ_fm·L_FM + λ_round·L_round + λ_ref·KL(q_φ ‖ q_φ_ref)``; ``(loss, logs)``.
 
     z0 = ``vae.normalize(z)``: the same normalised posterior sample (or mean) that the VAE terms decode.
     ``ref_vae`` is the frozen reference encoder (needed when ``ref_weight > 0``). With
-    ``cfg.freeze_vae`` the VAE runs without gradients and only the FM term is returned.
+    ``cfg.freeze_vae`` the VAE runs without gradients and only the FM (+ rounding) terms are returned.
     """
     cfg = cfg or JointLossConfig()
     if cfg.freeze_vae:
         with torch.no_grad():
             posterior = vae.encode(input_ids, attention_mask)
             z = posterior.sample(generator) if cfg.fm_latents == "sample" else posterior.mode()
-        fm, logs = flow_matching_loss(dit, vae.normalize(z), loss_mask, cfg.fm, generator=generator)
-        total = cfg.fm_weight * fm
+        total, logs = _prior_terms(vae, dit, vae.normalize(z), input_ids, loss_mask, cfg, generator)
         logs["loss"] = total.detach()
         return total, logs
     vae_total, logs, posterior, z = vae_terms(vae, input_ids, loss_mask, cfg.vae, attention_mask, generator)
     if cfg.fm_latents == "mean":
         z = vae.normalize(posterior.mode())
     z0 = z.detach() if cfg.detach_latents else z
-    fm, fm_logs = flow_matching_loss(dit, z0, loss_mask, cfg.fm, generator=generator)
-    logs.update(fm_logs)
-    total = cfg.vae_weight * vae_total + cfg.fm_weight * fm
+    prior_total, prior_logs = _prior_terms(vae, dit, z0, input_ids, loss_mask, cfg, generator)
+    logs.update(prior_logs)
+    total = cfg.vae_weight * vae_total + prior_total
     if cfg.ref_weight > 0:
         if ref_vae is None:
             raise ValueError("ref_weight > 0 needs `ref_vae`, a frozen copy of the encoder; pass it or set ref_weight=0.")
@@ -412,6 +472,19 @@ def joint_loss(
         total = total + cfg.ref_weight * ref_kl
         logs["ref_kl"] = ref_kl.detach()
     logs["loss"] = total.detach()
+    return total, logs
+
+
+def _prior_terms(vae, dit, z0, input_ids, loss_mask, cfg: JointLossConfig, generator) -> tuple[torch.Tensor, dict]:
+    """``λ_fm·L_FM + λ_round·L_round`` from one DiT pass, with their logs."""
+    fm_pass = flow_matching_pass(dit, z0, loss_mask, cfg.fm, generator=generator)
+    fm = fm_pass.mse()
+    logs = _fm_logs(fm_pass, fm)
+    total = cfg.fm_weight * fm
+    if cfg.round_weight > 0:
+        ce, acc = rounding_loss(vae, fm_pass, input_ids)
+        total = total + cfg.round_weight * ce
+        logs.update(round_ce=ce.detach(), round_acc=acc)
     return total, logs
 
 
