@@ -10,7 +10,7 @@ rate and mean length (statistics over content tokens, end-of-text excluded; unig
 common token count, since the plug-in estimate grows with corpus size) — plus, for the small-scale
 Cola-vs-AR comparison, the AR baseline's own top-p samples — then the issue's ratios:
 
-* gen-ppl ≤ 1.5 × real text's;
+* gen-ppl ≤ 1.5 × real text's (with a 95% paired bootstrap interval over prompts);
 * unigram entropy within 10 % of real text's;
 * the best 6-step solver's gen-ppl within 5 % of 16-step Euler's (Heun with 6 steps = 11 DiT calls/block).
 
@@ -21,15 +21,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
 import torch
 
 from colabridge.eval.ar_baseline import (
-    generative_perplexity,
+    continuation_nlls,
     heldout_sentences,
     load_ar_model,
+    perplexity_ratio_interval,
     prompt_continuations,
     word_start_ids,
 )
@@ -61,6 +63,7 @@ def matched_entropy(seqs, n_tokens: int, draws: int = 20, seed: int = 0) -> floa
 
 
 contents: list[list[list[int]]] = []  # content tokens of each row, in row order
+nlls: dict[str, list[tuple[float, int]]] = {}  # per-prompt (NLL, scored tokens) of each row, by row name
 
 
 def row_stats(name: str, ar, prompts, conts, eos_id: int, extra: dict | None = None) -> dict:
@@ -68,7 +71,9 @@ def row_stats(name: str, ar, prompts, conts, eos_id: int, extra: dict | None = N
     body = [content(c, eos_id) for c in conts]
     contents.append(body)
     stats = text_stats(body)
-    row = {"name": name, "gen_ppl": generative_perplexity(ar, conts, prompts, eos_id=eos_id), **stats,
+    nlls[name] = continuation_nlls(ar, conts, prompts, eos_id=eos_id)
+    total, count = (sum(col) for col in zip(*nlls[name]))
+    row = {"name": name, "gen_ppl": math.exp(total / count) if count else float("nan"), **stats,
            "ended": sum(eos_id in c for c in conts) / len(conts), "tokens": sum(len(b) for b in body)}
     row.update(extra or {})
     return row
@@ -170,8 +175,11 @@ def main(argv: list[str] | None = None) -> dict:
         ppl_ratio = r["gen_ppl"] / real_row["gen_ppl"]
         ent_dev = r["unigram_entropy"] / real_row["unigram_entropy"] - 1
         ent_match = r["entropy_matched"] / real_row["entropy_matched"] - 1
-        ratios[name] = {"gen_ppl_ratio": ppl_ratio, "entropy_rel_diff": ent_dev, "entropy_matched_rel_diff": ent_match}
-        print(f"  {name}: gen-ppl / real = {ppl_ratio:.2f} ({'PASS' if ppl_ratio <= 1.5 else 'FAIL'} ≤ 1.5); "
+        lo, hi = perplexity_ratio_interval(nlls[name], nlls[real_row["name"]])
+        ratios[name] = {"gen_ppl_ratio": ppl_ratio, "gen_ppl_ratio_ci95": [lo, hi], "entropy_rel_diff": ent_dev,
+                        "entropy_matched_rel_diff": ent_match}
+        print(f"  {name}: gen-ppl / real = {ppl_ratio:.2f} [95% CI {lo:.2f}–{hi:.2f}] "
+              f"({'PASS' if ppl_ratio <= 1.5 else 'FAIL'} ≤ 1.5); "
               f"entropy vs real = {100 * ent_dev:+.1f}% ({'PASS' if abs(ent_dev) <= 0.10 else 'FAIL'} within ±10%), "
               f"size-matched {100 * ent_match:+.1f}% ({'PASS' if abs(ent_match) <= 0.10 else 'FAIL'})")
     ref = next((r for n, r in gen.items() if n.startswith("euler 16 ")), None)

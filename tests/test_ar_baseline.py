@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from colabridge.eval.ar_baseline import (
     build_ar_model,
     continuation_nll,
+    continuation_nlls,
+    perplexity_ratio_interval,
     generative_perplexity,
     pack_rows,
     prompt_continuations,
@@ -48,6 +50,12 @@ def test_matches_hand_computed_cross_entropy(tiny):
     # no bos, no context: the first token is not scored
     t2, c2 = continuation_nll(tiny, [[5, 6, 7]], bos_id=-1)
     assert c2 == 2
+    # per continuation, in input order; an empty one scores nothing and keeps its place
+    per = continuation_nlls(tiny, [gens[0], [], gens[1]], [contexts[0], [3], contexts[1]], batch_size=2)
+    assert [n for _, n in per] == [3, 0, 3]
+    for (value, _), expect in zip(per[::2], nlls):
+        assert value == pytest.approx(expect.sum().item(), rel=1e-5)
+    assert total == pytest.approx(sum(v for v, _ in per), rel=1e-6)
 
 
 def test_training_on_repeated_sequence_lowers_its_perplexity(tiny):
@@ -132,3 +140,20 @@ def test_training_resumes_exactly(tmp_path, crash_after_checkpoint):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [p.name for p in (tmp_path / "full" / "run" / "checkpoints").iterdir()] == ["checkpoint-4"]
     assert (tmp_path / "full" / "run" / "losses.png").is_file()
+
+
+def test_perplexity_ratio_interval_brackets_the_ratio_and_narrows_with_more_prompts():
+    g = torch.Generator().manual_seed(0)
+
+    def nlls(n, mean):  # 10 tokens per continuation, per-token NLL around `mean`
+        return [(10 * (mean + 0.5 * float(torch.randn(1, generator=g))), 10) for _ in range(n)]
+
+    small, small_ref = nlls(16, 3.0), nlls(16, 2.0)
+    big, big_ref = nlls(1024, 3.0), nlls(1024, 2.0)
+    point = math.exp(sum(v for v, _ in big) / 10240 - sum(v for v, _ in big_ref) / 10240)
+    lo, hi = perplexity_ratio_interval(big, big_ref)
+    assert lo < point < hi and lo < math.e < hi
+    lo_s, hi_s = perplexity_ratio_interval(small, small_ref)
+    assert hi_s - lo_s > 2 * (hi - lo)
+    with pytest.raises(ValueError, match="same prompts"):
+        perplexity_ratio_interval(small, big_ref)

@@ -85,8 +85,17 @@ def _cut_after_eos(ids: Sequence[int], eos_id: int | None) -> list[int]:
 @torch.no_grad()
 def continuation_nll(ar_model, token_id_lists: Sequence[Sequence[int]], contexts: Sequence[Sequence[int]] | None = None,
                      eos_id: int | None = None, bos_id: int | None = None, batch_size: int = 16) -> tuple[float, int]:
-    """``(sum of NLL, number of scored tokens)`` of each continuation given ``[bos] + context`` and its own
-    earlier tokens. Tokens after the first ``eos_id`` of a continuation are dropped (the eos is scored).
+    """``(sum of NLL, number of scored tokens)`` over all continuations (see :func:`continuation_nlls`)."""
+    per = continuation_nlls(ar_model, token_id_lists, contexts, eos_id, bos_id, batch_size)
+    return sum(nll for nll, _ in per), sum(n for _, n in per)
+
+
+def continuation_nlls(ar_model, token_id_lists: Sequence[Sequence[int]], contexts: Sequence[Sequence[int]] | None = None,
+                      eos_id: int | None = None, bos_id: int | None = None,
+                      batch_size: int = 16) -> list[tuple[float, int]]:
+    """Per continuation, in input order, ``(sum of NLL, number of scored tokens)`` given ``[bos] + context``
+    and its own earlier tokens (``(0.0, 0)`` when nothing can be scored). Tokens after the first
+    ``eos_id`` of a continuation are dropped (the eos is scored).
 
     ``eos_id`` / ``bos_id`` default to the model config's; pass ``bos_id=-1`` for no bos. With no context
     and no bos the first token of a continuation has nothing to condition on and is not scored.
@@ -99,33 +108,33 @@ def continuation_nll(ar_model, token_id_lists: Sequence[Sequence[int]], contexts
     contexts = contexts if contexts is not None else [[] for _ in token_id_lists]
     if len(contexts) != len(token_id_lists):
         raise ValueError(f"{len(contexts)} contexts for {len(token_id_lists)} continuations.")
-    rows = []  # (ids, number of scored tokens at the end)
-    for gen, ctx in zip(token_id_lists, contexts):
+    rows = []  # (input index, ids, number of scored tokens at the end)
+    for index, (gen, ctx) in enumerate(zip(token_id_lists, contexts)):
         gen = _cut_after_eos(gen, eos_id)
         full = bos + [int(i) for i in ctx] + gen
         scored = min(len(gen), len(full) - 1)
         if scored <= 0:
             continue
         full = full[-cfg.n_positions :]
-        rows.append((full, min(scored, len(full) - 1)))
+        rows.append((index, full, min(scored, len(full) - 1)))
     device = next(ar_model.parameters()).device
-    total, count = 0.0, 0
+    out = [(0.0, 0)] * len(token_id_lists)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        width = max(len(r) for r, _ in chunk)
+        width = max(len(r) for _, r, _ in chunk)
         ids = torch.zeros(len(chunk), width, dtype=torch.long)
         labels = torch.full((len(chunk), width), -100, dtype=torch.long)
         attn = torch.zeros(len(chunk), width, dtype=torch.long)
-        for i, (r, n) in enumerate(chunk):  # right padding: positions stay 0..len-1
+        for i, (_, r, n) in enumerate(chunk):  # right padding: positions stay 0..len-1
             ids[i, : len(r)] = torch.tensor(r)
             attn[i, : len(r)] = 1
             labels[i, len(r) - n : len(r)] = torch.tensor(r[len(r) - n :])
         logits = ar_model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float()
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten().to(device), ignore_index=-100,
-                              reduction="sum")
-        total += float(nll)
-        count += int((labels[:, 1:] != -100).sum())
-    return total, count
+        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:].to(device), ignore_index=-100,
+                              reduction="none").sum(1)  # (chunk,)
+        for (index, _, n), value in zip(chunk, nll.tolist()):
+            out[index] = (value, n)
+    return out
 
 
 def generative_perplexity(ar_model, token_id_lists: Sequence[Sequence[int]], contexts: Sequence[Sequence[int]] | None = None,
@@ -135,6 +144,25 @@ def generative_perplexity(ar_model, token_id_lists: Sequence[Sequence[int]], con
     dropped. ``nan`` when nothing can be scored. See :func:`continuation_nll`."""
     total, count = continuation_nll(ar_model, token_id_lists, contexts, eos_id, bos_id, batch_size)
     return math.exp(total / count) if count else float("nan")
+
+
+def perplexity_ratio_interval(nlls: Sequence[tuple[float, int]], ref_nlls: Sequence[tuple[float, int]],
+                              level: float = 0.95, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Paired bootstrap interval of ``ppl(nlls) / ppl(ref_nlls)`` over prompts.
+
+    Both lists hold :func:`continuation_nlls` of continuations of the same prompts, in the same order;
+    each draw resamples prompt indices with replacement and recomputes both pooled perplexities on them.
+    Returns the ``(1 − level)/2`` and ``(1 + level)/2`` quantiles of the ratio.
+    """
+    if len(nlls) != len(ref_nlls) or not nlls:
+        raise ValueError(f"perplexity_ratio_interval needs two equally long, non-empty lists (got {len(nlls)} and "
+                         f"{len(ref_nlls)}): one entry per prompt, continuations of the same prompts.")
+    x, r = torch.tensor(nlls, dtype=torch.float64), torch.tensor(ref_nlls, dtype=torch.float64)  # (N, 2)
+    idx = torch.randint(len(nlls), (draws, len(nlls)), generator=torch.Generator().manual_seed(seed))
+    xs, rs = x[idx].sum(1), r[idx].sum(1)  # (draws, 2): pooled NLL, pooled count
+    log_ratio = xs[:, 0] / xs[:, 1].clamp(min=1) - rs[:, 0] / rs[:, 1].clamp(min=1)
+    lo, hi = torch.quantile(log_ratio.exp(), torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    return float(lo), float(hi)
 
 
 def prompt_continuations(sentences: Sequence[Sequence[int]], prompt_len: int = 4, max_new_tokens: int = 64,
