@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from colabridge.eval.ar_baseline import (
     heldout_sentences,
     load_ar_model,
     perplexity_ratio_interval,
+    pooled_perplexity,
     prompt_continuations,
     word_start_ids,
 )
@@ -72,8 +72,7 @@ def row_stats(name: str, ar, prompts, conts, eos_id: int, extra: dict | None = N
     contents.append(body)
     stats = text_stats(body)
     nlls[name] = continuation_nlls(ar, conts, prompts, eos_id=eos_id)
-    total, count = (sum(col) for col in zip(*nlls[name]))
-    row = {"name": name, "gen_ppl": math.exp(total / count) if count else float("nan"), **stats,
+    row = {"name": name, "gen_ppl": pooled_perplexity(nlls[name]), **stats,
            "ended": sum(eos_id in c for c in conts) / len(conts), "tokens": sum(len(b) for b in body)}
     row.update(extra or {})
     return row

@@ -197,4 +197,37 @@ def test_bare_eval_end_to_end(tmp_path, fixture_dir):
     out = tmp_path / "held.json"
     cli_main(["eval", "--model", str(fixture_dir), "--data", str(texts), "--num-prompts", "2",
               "--max-new-tokens", "4", "--steps", "2", "--output", str(out)])
-    assert {"heldout_recon_acc", "heldout_fm", "generated", "real"} <= set(json.loads(out.read_text()))
+    result = json.loads(out.read_text())
+    assert {"heldout_recon_acc", "heldout_fm", "generated", "real"} <= set(result)
+    assert "gen_ppl" not in result  # 'auto' judge: none for a user's --model
+
+
+def test_eval_scores_generated_and_real_text_under_a_judge(tmp_path, fixture_dir):
+    from colabridge import ColaPipeline
+    from colabridge.eval.ar_baseline import build_ar_model
+
+    vocab = len(ColaPipeline.from_pretrained(fixture_dir).tokenizer)
+    judge = tmp_path / "judge"
+    build_ar_model(vocab, eos_id=0, n_embd=16, n_layer=1, n_head=2).save_pretrained(judge)
+    texts = tmp_path / "held.txt"
+    texts.write_text("The quick brown fox jumps over the lazy dog.\nRain falls on the green hills every morning.\n"
+                     "A small boat drifted slowly down the wide river.\n")
+    out = tmp_path / "held.json"
+    cli_main(["eval", "--model", str(fixture_dir), "--data", str(texts), "--num-prompts", "3", "--max-new-tokens", "4",
+              "--steps", "2", "--judge", str(judge), "--output", str(out)])
+    result = json.loads(out.read_text())
+    assert result["gen_ppl"] > 1 and result["real_gen_ppl"] > 1
+    assert result["gen_ppl_ratio"] == pytest.approx(result["gen_ppl"] / result["real_gen_ppl"])
+    lo, hi = result["gen_ppl_ratio_ci95"]
+    assert lo <= hi
+
+
+def test_eval_rejects_a_judge_with_another_vocabulary(tmp_path, fixture_dir):
+    from colabridge.eval.ar_baseline import build_ar_model
+
+    judge = tmp_path / "judge"
+    build_ar_model(7, eos_id=0, n_embd=16, n_layer=1, n_head=2).save_pretrained(judge)
+    texts = tmp_path / "held.txt"
+    texts.write_text("The quick brown fox jumps over the lazy dog.\n")
+    with pytest.raises(ValueError, match="--judge .* vocabulary"):
+        cli_main(["eval", "--model", str(fixture_dir), "--data", str(texts), "--judge", str(judge)])

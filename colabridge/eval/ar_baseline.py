@@ -142,7 +142,12 @@ def generative_perplexity(ar_model, token_id_lists: Sequence[Sequence[int]], con
     """exp(mean NLL) of the generated tokens under ``ar_model`` given the preceding context
     (``[bos] + contexts[i]`` and the earlier generated tokens); tokens after the first end-of-text are
     dropped. ``nan`` when nothing can be scored. See :func:`continuation_nll`."""
-    total, count = continuation_nll(ar_model, token_id_lists, contexts, eos_id, bos_id, batch_size)
+    return pooled_perplexity(continuation_nlls(ar_model, token_id_lists, contexts, eos_id, bos_id, batch_size))
+
+
+def pooled_perplexity(nlls: Sequence[tuple[float, int]]) -> float:
+    """``exp(Σ NLL / Σ tokens)`` of :func:`continuation_nlls` entries; ``nan`` when nothing was scored."""
+    total, count = sum(v for v, _ in nlls), sum(n for _, n in nlls)
     return math.exp(total / count) if count else float("nan")
 
 

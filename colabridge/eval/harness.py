@@ -6,7 +6,10 @@ Reported (one JSON object):
 * ``heldout_fm`` — the flow-matching loss (2L trick, fixed seed) on normalised posterior-mode latents;
 * ``generated`` / ``real`` — :func:`colabridge.eval.metrics.text_stats` of continuations generated
   from the first ``prompt_tokens`` tokens of held-out sentences, beside the same statistics of the
-  real continuations (ids up to the first end-of-text).
+  real continuations (ids up to the first end-of-text);
+* with a judge (an autoregressive baseline sharing the tokenizer; by default the embedded
+  ``pipelines/ar-baseline-tiny-en`` for the embedded model): ``gen_ppl`` of the generated and of the real
+  continuations given their prompts, ``gen_ppl_ratio`` and its 95% paired bootstrap interval over prompts.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import metrics
+from . import ar_baseline, metrics
 
 EVAL_ROWS = 256
 
@@ -61,8 +64,9 @@ def _until_eos(ids: list[int], stop: set[int]) -> list[int]:
 
 
 def generation_metrics(pipe, texts: list[str], prompt_tokens: int, max_new_tokens: int, seed: int = 0,
-                       **call_kwargs) -> dict:
-    """Generate from the first ``prompt_tokens`` tokens of each text; compare with the real rest."""
+                       judge=None, **call_kwargs) -> dict:
+    """Generate from the first ``prompt_tokens`` tokens of each text; compare with the real rest (and score
+    both under ``judge``, a causal LM with the pipeline's tokenizer, when given)."""
     tok = pipe.tokenizer
     stop = set(pipe.default_stop_ids())
     encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -72,16 +76,30 @@ def generation_metrics(pipe, texts: list[str], prompt_tokens: int, max_new_token
     out = pipe(prompt_ids=prompts, max_new_tokens=max_new_tokens, generator=torch.Generator().manual_seed(seed),
                output_type="ids", **call_kwargs)
     generated = [_until_eos(seq, stop) for seq in out.sequences]
-    return {"generated": metrics.text_stats(generated), "real": metrics.text_stats(real),
-            "samples": tok.batch_decode([p + g for p, g in zip(prompts[:8], generated[:8])])}
+    result = {"generated": metrics.text_stats(generated), "real": metrics.text_stats(real),
+              "samples": tok.batch_decode([p + g for p, g in zip(prompts[:8], generated[:8])])}
+    if judge is not None:
+        result.update(judge_metrics(judge, prompts, generated, real))
+    return result
+
+
+@torch.no_grad()
+def judge_metrics(judge, prompts: list[list[int]], generated: list[list[int]], real: list[list[int]]) -> dict:
+    """Generative perplexity of ``generated`` and ``real`` continuations of ``prompts`` under ``judge``."""
+    gen = ar_baseline.continuation_nlls(judge, generated, prompts)
+    ref = ar_baseline.continuation_nlls(judge, real, prompts)
+    ppl, ref_ppl = ar_baseline.pooled_perplexity(gen), ar_baseline.pooled_perplexity(ref)
+    return {"gen_ppl": ppl, "real_gen_ppl": ref_ppl, "gen_ppl_ratio": ppl / ref_ppl,
+            "gen_ppl_ratio_ci95": list(ar_baseline.perplexity_ratio_interval(gen, ref))}
 
 
 def evaluate_pipeline(pipe, texts: list[str], seq_len: int = 64, num_prompts: int = 32, prompt_tokens: int = 3,
-                      max_new_tokens: int = 32, seed: int = 0, **call_kwargs) -> dict:
-    """All metrics of :mod:`colabridge.eval.harness` on held-out ``texts``."""
+                      max_new_tokens: int = 32, seed: int = 0, judge=None, **call_kwargs) -> dict:
+    """All metrics of :mod:`colabridge.eval.harness` on held-out ``texts`` (``judge``: see :func:`generation_metrics`)."""
     ids, real = heldout_rows(pipe, texts, seq_len)
     result = latent_metrics(pipe, ids[:EVAL_ROWS], real[:EVAL_ROWS], seed)
-    result.update(generation_metrics(pipe, texts[:num_prompts], prompt_tokens, max_new_tokens, seed, **call_kwargs))
+    result.update(generation_metrics(pipe, texts[:num_prompts], prompt_tokens, max_new_tokens, seed, judge,
+                                     **call_kwargs))
     return result
 
 
@@ -95,6 +113,9 @@ def _add_heldout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=16, help="Euler steps per block")
     p.add_argument("--guidance-scale", type=float, default=7.0, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="seed of noise and metrics")
+    p.add_argument("--judge", default="auto",
+                   help="AR baseline folder that scores generated and real text (gen-ppl); 'auto': the embedded "
+                        "pipelines/ar-baseline-tiny-en when --model is the embedded default; 'none': skip")
     p.add_argument("--output", help="also write the JSON result here")
     p.set_defaults(func=cmd_eval)
 
@@ -130,9 +151,27 @@ def cmd_eval(args) -> None:
     else:
         texts = text.read_lines(args.data)
     result = evaluate_pipeline(pipe, texts, num_prompts=args.num_prompts, prompt_tokens=args.prompt_tokens,
-                               max_new_tokens=args.max_new_tokens, seed=args.seed, num_inference_steps=args.steps,
-                               guidance_scale=args.guidance_scale)
+                               max_new_tokens=args.max_new_tokens, seed=args.seed, judge=_load_judge(args, pipe),
+                               num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
     dumped = json.dumps(result, indent=2, ensure_ascii=False)
     print(dumped)
     if args.output:
         Path(args.output).write_text(dumped + "\n")
+
+
+def _load_judge(args, pipe):
+    """The ``--judge`` model, checked against the pipeline's tokenizer (None for 'none', or for 'auto' with
+    a user's ``--model``, whose tokenizer the embedded judge does not share)."""
+    from ..paths import artifact_root
+
+    if args.judge == "none" or (args.judge == "auto" and args.model):
+        return None
+    folder = artifact_root() / "pipelines" / "ar-baseline-tiny-en" if args.judge == "auto" else Path(args.judge)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"--judge {folder}: no model there (config.json missing); pass an AR baseline "
+                                f"folder trained with this tokenizer, or --judge none.")
+    judge = ar_baseline.load_ar_model(folder)
+    if judge.config.vocab_size != len(pipe.tokenizer):
+        raise ValueError(f"--judge {folder}: its vocabulary ({judge.config.vocab_size}) is not the pipeline "
+                         f"tokenizer's ({len(pipe.tokenizer)}); the judge must share the tokenizer, or pass --judge none.")
+    return judge
