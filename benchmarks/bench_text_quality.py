@@ -78,6 +78,24 @@ def row_stats(name: str, ar, prompts, conts, eos_id: int, extra: dict | None = N
     return row
 
 
+def against(path: str, real_name: str) -> dict:
+    """Paired gen-ppl ratio (with its 95% interval) of each config to the same config in another run's --json."""
+    other = json.loads(Path(path).read_text())["nlls"]
+    if [n for _, n in other[real_name]] != [n for _, n in nlls[real_name]]:
+        raise SystemExit(f"--against {path}: its held-out prompts differ from this run's; use the same "
+                         f"--num-prompts/--prompt-len/--min-prompt-len/--source.")
+    print(f"\nPaired against {path} (same prompts):")
+    out = {}
+    for name, mine in nlls.items():
+        if name == real_name or name not in other:
+            continue
+        ratio = pooled_perplexity(mine) / pooled_perplexity(other[name])
+        lo, hi = perplexity_ratio_interval(mine, other[name])
+        out[name] = {"gen_ppl_ratio": ratio, "gen_ppl_ratio_ci95": [lo, hi]}
+        print(f"  {name}: gen-ppl {ratio:.3f}× the other's [95% CI {lo:.3f}–{hi:.3f}]")
+    return out
+
+
 @torch.no_grad()
 def ar_samples(ar, prompts, max_new_tokens: int, eos_id: int, seed: int, top_k: int = 50, top_p: float = 0.9):
     """Continuations sampled from the AR baseline itself (``[eos] + prompt`` as context), for the
@@ -107,7 +125,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sub-block-size", type=int, default=None, help="pipeline sub_block_size (sequential sub-blocks) for every config")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-ar-samples", action="store_true", help="skip the AR baseline's own samples")
-    p.add_argument("--json", default=None, help="also write the rows and ratios here")
+    p.add_argument("--json", default=None, help="also write the rows, ratios and per-prompt NLLs here")
+    p.add_argument("--against", default=None, help="a --json file of another pipeline on the same prompts: print "
+                                                    "each config's paired gen-ppl ratio to the same config there")
     p.add_argument("--show", type=int, default=3, help="print this many sample continuations per config")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -189,11 +209,13 @@ def main(argv: list[str] | None = None) -> dict:
         ratios["best_6_step"] = {"name": best["name"], "rel_to_euler16": rel}
         print(f"  best 6-step ({best['name']}): gen-ppl {best['gen_ppl']:.2f} vs Euler-16 {ref['gen_ppl']:.2f} = "
               f"{100 * rel:+.1f}% ({'PASS' if rel <= 0.05 else 'FAIL'} ≤ +5%)")
+    if args.against:
+        ratios["against"] = against(args.against, real_row["name"])
     print("\nSamples (prompt + continuation):")
     for name, texts_ in samples.items():
         for t in texts_:
             print(f"  [{name}] {t!r}")
-    result = {"rows": rows, "ratios": ratios, "samples": samples, "args": vars(args)}
+    result = {"rows": rows, "ratios": ratios, "samples": samples, "args": vars(args), "nlls": nlls}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result
