@@ -82,7 +82,6 @@ def _cut_after_eos(ids: Sequence[int], eos_id: int | None) -> list[int]:
     return ids
 
 
-@torch.no_grad()
 def continuation_nll(ar_model, token_id_lists: Sequence[Sequence[int]], contexts: Sequence[Sequence[int]] | None = None,
                      eos_id: int | None = None, bos_id: int | None = None, batch_size: int = 16) -> tuple[float, int]:
     """``(sum of NLL, number of scored tokens)`` over all continuations (see :func:`continuation_nlls`)."""
@@ -90,6 +89,7 @@ def continuation_nll(ar_model, token_id_lists: Sequence[Sequence[int]], contexts
     return sum(nll for nll, _ in per), sum(n for _, n in per)
 
 
+@torch.no_grad()
 def continuation_nlls(ar_model, token_id_lists: Sequence[Sequence[int]], contexts: Sequence[Sequence[int]] | None = None,
                       eos_id: int | None = None, bos_id: int | None = None,
                       batch_size: int = 16) -> list[tuple[float, int]]:
