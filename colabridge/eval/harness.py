@@ -83,7 +83,6 @@ def generation_metrics(pipe, texts: list[str], prompt_tokens: int, max_new_token
     return result
 
 
-@torch.no_grad()
 def judge_metrics(judge, prompts: list[list[int]], generated: list[list[int]], real: list[list[int]]) -> dict:
     """Generative perplexity of ``generated`` and ``real`` continuations of ``prompts`` under ``judge``."""
     gen = ar_baseline.continuation_nlls(judge, generated, prompts)
