@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 
 from colabridge.eval.ar_baseline import (
+    compare_perplexity,
     continuation_nlls,
     heldout_sentences,
     load_ar_model,
-    perplexity_ratio_interval,
     pooled_perplexity,
     prompt_continuations,
     word_start_ids,
@@ -89,10 +89,9 @@ def against(path: str, real_name: str) -> dict:
     for name, mine in nlls.items():
         if name == real_name or name not in other:
             continue
-        ratio = pooled_perplexity(mine) / pooled_perplexity(other[name])
-        lo, hi = perplexity_ratio_interval(mine, other[name])
-        out[name] = {"gen_ppl_ratio": ratio, "gen_ppl_ratio_ci95": [lo, hi]}
-        print(f"  {name}: gen-ppl {ratio:.3f}× the other's [95% CI {lo:.3f}–{hi:.3f}]")
+        out[name] = compare_perplexity(mine, other[name])
+        lo, hi = out[name]["gen_ppl_ratio_ci95"]
+        print(f"  {name}: gen-ppl {out[name]['gen_ppl_ratio']:.3f}× the other's [95% CI {lo:.3f}–{hi:.3f}]")
     return out
 
 
@@ -191,12 +190,11 @@ def main(argv: list[str] | None = None) -> dict:
     print("\nTargets (issue 4):")
     ratios = {}
     for name, r in gen.items():
-        ppl_ratio = r["gen_ppl"] / real_row["gen_ppl"]
         ent_dev = r["unigram_entropy"] / real_row["unigram_entropy"] - 1
         ent_match = r["entropy_matched"] / real_row["entropy_matched"] - 1
-        lo, hi = perplexity_ratio_interval(nlls[name], nlls[real_row["name"]])
-        ratios[name] = {"gen_ppl_ratio": ppl_ratio, "gen_ppl_ratio_ci95": [lo, hi], "entropy_rel_diff": ent_dev,
+        ratios[name] = {**compare_perplexity(nlls[name], nlls[real_row["name"]]), "entropy_rel_diff": ent_dev,
                         "entropy_matched_rel_diff": ent_match}
+        ppl_ratio, (lo, hi) = ratios[name]["gen_ppl_ratio"], ratios[name]["gen_ppl_ratio_ci95"]
         print(f"  {name}: gen-ppl / real = {ppl_ratio:.2f} [95% CI {lo:.2f}–{hi:.2f}] "
               f"({'PASS' if ppl_ratio <= 1.5 else 'FAIL'} ≤ 1.5); "
               f"entropy vs real = {100 * ent_dev:+.1f}% ({'PASS' if abs(ent_dev) <= 0.10 else 'FAIL'} within ±10%), "

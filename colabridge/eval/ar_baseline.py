@@ -151,6 +151,13 @@ def pooled_perplexity(nlls: Sequence[tuple[float, int]]) -> float:
     return math.exp(total / count) if count else float("nan")
 
 
+def compare_perplexity(nlls: Sequence[tuple[float, int]], ref_nlls: Sequence[tuple[float, int]]) -> dict:
+    """``{"gen_ppl_ratio", "gen_ppl_ratio_ci95"}``: pooled ``ppl(nlls) / ppl(ref_nlls)`` and its 95% interval
+    (:func:`perplexity_ratio_interval`) for continuations of the same prompts."""
+    ratio = pooled_perplexity(nlls) / pooled_perplexity(ref_nlls)
+    return {"gen_ppl_ratio": ratio, "gen_ppl_ratio_ci95": list(perplexity_ratio_interval(nlls, ref_nlls))}
+
+
 def perplexity_ratio_interval(nlls: Sequence[tuple[float, int]], ref_nlls: Sequence[tuple[float, int]],
                               level: float = 0.95, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
     """Paired bootstrap interval of ``ppl(nlls) / ppl(ref_nlls)`` over prompts.

@@ -87,9 +87,8 @@ def judge_metrics(judge, prompts: list[list[int]], generated: list[list[int]], r
     """Generative perplexity of ``generated`` and ``real`` continuations of ``prompts`` under ``judge``."""
     gen = ar_baseline.continuation_nlls(judge, generated, prompts)
     ref = ar_baseline.continuation_nlls(judge, real, prompts)
-    ppl, ref_ppl = ar_baseline.pooled_perplexity(gen), ar_baseline.pooled_perplexity(ref)
-    return {"gen_ppl": ppl, "real_gen_ppl": ref_ppl, "gen_ppl_ratio": ppl / ref_ppl,
-            "gen_ppl_ratio_ci95": list(ar_baseline.perplexity_ratio_interval(gen, ref))}
+    return {"gen_ppl": ar_baseline.pooled_perplexity(gen), "real_gen_ppl": ar_baseline.pooled_perplexity(ref),
+            **ar_baseline.compare_perplexity(gen, ref)}
 
 
 def evaluate_pipeline(pipe, texts: list[str], seq_len: int = 64, num_prompts: int = 32, prompt_tokens: int = 3,
