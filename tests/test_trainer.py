@@ -205,3 +205,15 @@ def test_resume_without_ema_state_starts_the_average(tmp_path, capsys):
 def test_bad_ema_option_names_the_field():
     with pytest.raises(ValueError, match="ema: unknown option.*'decai'"):
         T.TrainConfig(ema={"decai": 0.9})
+
+
+def test_token_head_trains_with_the_run_and_stays_out_of_the_export(tmp_path):
+    out = tmp_path / "tok"
+    T.train(tiny_config(out, max_steps=3, loss=dict(token_weight=0.5, freeze_vae=True)))
+    rows = read_losses(out)
+    assert all(float(rows[s]["token_ce"]) > 0 for s in rows)
+    weights = _safetensors(T.latest_checkpoint(out) / "model.safetensors")
+    assert {"token_head.proj.weight", "token_head.norm.weight"} <= weights.keys()
+    exported = _safetensors(out / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert not any("token_head" in k for k in exported)
+    assert weights["token_head.proj.weight"].shape[1] == 32  # it reads the prior's hidden width

@@ -9,7 +9,9 @@ from colabridge import ColaDiT, ColaTextVAE
 from colabridge.training.losses import (
     FlowMatchingConfig,
     JointLossConfig,
+    TokenHead,
     VAELossConfig,
+    block_output,
     estimate_latent_stats,
     flow_matching_loss,
     flow_matching_pass,
@@ -21,6 +23,7 @@ from colabridge.training.losses import (
     store_latent_stats,
     two_l_mask,
     token_cross_entropy,
+    token_loss,
     two_l_velocity,
     vae_loss,
     vae_terms,
@@ -262,6 +265,67 @@ def test_rounding_term_trains_the_dit_through_a_frozen_decoder():
     losses = descend(dit.parameters(), lambda g: joint_loss(vae, dit, ids, mask, cfg, generator=g))
     assert losses[-1] < losses[0]
     assert all(p.grad is None for p in vae.parameters())
+
+
+def test_token_term_trains_the_dit_and_its_head_not_the_vae():
+    vae, dit = tiny_vae().requires_grad_(False), tiny_dit(randomize=True)
+    head = TokenHead(32, VOCAB)
+    ids, mask = batch()
+    cfg = JointLossConfig(freeze_vae=True, token_weight=0.5, token_layer=0)
+    loss, logs = joint_loss(vae, dit, ids, mask, cfg, token_head=head)
+    assert {"fm", "token_ce", "token_acc"} <= set(logs)
+    torch.testing.assert_close(loss, logs["fm"] + 0.5 * logs["token_ce"])
+    loss.backward()
+    assert head.proj.weight.grad.abs().sum() > 0
+    assert dit.blocks[0].msa.proj_qkv.weight.grad.abs().sum() > 0  # the token term reaches the prior
+    assert dit.blocks[1].msa.proj_qkv.weight.grad is not None  # (and the FM term the blocks after ℓ)
+    assert all(p.grad is None for p in vae.parameters())
+    params = list(dit.parameters()) + list(head.parameters())
+    token_ces = []
+
+    def step(g):
+        total, step_logs = joint_loss(vae, dit, ids, mask, cfg, generator=g, token_head=head)
+        token_ces.append(float(step_logs["token_ce"]))
+        return total, step_logs
+
+    descend(params, step, steps=8, lr=1e-2)
+    assert token_ces[-1] < token_ces[0]
+
+
+def test_token_head_keeps_the_prior_block_causal():
+    """The head reads each noisy token beside its clean history only: changing the last block's tokens
+    leaves the logits of the earlier blocks unchanged (and changes its own)."""
+    vae, dit = tiny_vae(), tiny_dit(randomize=True)
+    head = TokenHead(32, VOCAB)
+    ids, mask = batch(length=12)
+    cfg = FlowMatchingConfig(block_sizes=[BLOCK])
+
+    def logits(token_ids):
+        z0 = vae.normalize(vae.encode(token_ids).mode()).detach()
+        with block_output(dit, -1) as hidden:
+            flow_matching_pass(dit, z0, mask, cfg, generator=torch.Generator().manual_seed(0))
+        return head(hidden[0][:, hidden[0].shape[1] // 2:])
+
+    changed = ids.clone()
+    changed[:, -BLOCK:] = (changed[:, -BLOCK:] + 1) % VOCAB
+    a, b = logits(ids), logits(changed)
+    torch.testing.assert_close(a[:, :-BLOCK], b[:, :-BLOCK])
+    assert not torch.allclose(a[:, -BLOCK:], b[:, -BLOCK:])
+
+
+def test_token_head_predicts_every_token_of_a_patch():
+    head = TokenHead(32, VOCAB, patch_size=2)
+    assert head(torch.randn(3, 5, 32)).shape == (3, 10, VOCAB)
+
+
+def test_token_term_needs_its_head_and_a_real_layer():
+    vae, dit = tiny_vae(), tiny_dit()
+    ids, mask = batch()
+    with pytest.raises(ValueError, match="token_head"):
+        joint_loss(vae, dit, ids, mask, JointLossConfig(freeze_vae=True, token_weight=1.0))
+    with pytest.raises(ValueError, match="token_layer=2"):
+        joint_loss(vae, dit, ids, mask, JointLossConfig(freeze_vae=True, token_weight=1.0, token_layer=2),
+                   token_head=TokenHead(32, VOCAB))
 
 
 def test_joint_needs_reference_when_weighted():

@@ -11,7 +11,9 @@ Everything here is plain maths on models and tensors, shared by the trainers and
   ``[clean z0 | noisy z_t]`` under :func:`two_l_mask` (:func:`flow_matching_loss`).
 * Stage 2, joint: ``λ_vae·(recon + λ_mask·L_mask + β·KL) + λ_fm·L_FM + λ_ref·KL(q_φ ‖ q_φ_ref)``
   (:func:`joint_loss`); ``freeze_vae=True`` is the official DiT-only recipe. An optional rounding term
-  ``λ_round·(−log p_θ(x | ẑ0))`` (Li et al. 2022, Diffusion-LM) decodes the DiT's clean estimates.
+  ``λ_round·(−log p_θ(x | ẑ0))`` (Li et al. 2022, Diffusion-LM) decodes the DiT's clean estimates, and an
+  optional token term ``λ_tok·CE(head(h_ℓ), x)`` (:class:`TokenHead`) asks a training-only linear head on
+  the hidden states of DiT block ℓ to name each noisy token (an auxiliary representation loss).
 
 Every loss returns ``(total, logs)`` where ``logs`` maps names to detached scalars, so each part
 can be watched separately (the paper's diagnostic point). Randomness comes from an optional
@@ -20,9 +22,11 @@ can be watched separately (the paper's diagnostic point). Randomness comes from 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.text_vae import LOGVAR_RANGE, TextLatentPosterior
@@ -106,6 +110,9 @@ class JointLossConfig:
         vae_weight, fm_weight, ref_weight: λ_VAE, λ_fm, λ_ref.
         round_weight: λ_round, weight of Diffusion-LM's rounding term (:func:`rounding_loss`: the decoder's
             cross-entropy of the true tokens given the DiT's clean estimates); 0 (official) skips it.
+        token_weight: λ_tok, weight of the token term (:func:`token_loss`: a :class:`TokenHead` on the
+            hidden states of DiT block ``token_layer`` names every noisy token); 0 (official) skips it.
+        token_layer: index into ``dit.blocks`` whose output the token head reads (``-1``: the last).
         detach_latents: stop the FM gradient at z0 (True: the VAE is trained by its own terms only;
             False: the joint stage proper, FM gradients reach the encoder).
         freeze_vae: the official DiT-only recipe: VAE in no-grad mode, only ``L_FM`` is optimised.
@@ -118,6 +125,8 @@ class JointLossConfig:
     fm_weight: float = 1.0
     ref_weight: float = 0.1
     round_weight: float = 0.0
+    token_weight: float = 0.0
+    token_layer: int = -1
     detach_latents: bool = False
     freeze_vae: bool = False
     fm_latents: str = "sample"
@@ -373,6 +382,48 @@ def rounding_loss(vae, fm_pass: FlowMatchingPass, input_ids: torch.LongTensor) -
     return token_cross_entropy(logits, input_ids, weights), token_accuracy(logits.detach(), input_ids, weights)
 
 
+class TokenHead(nn.Module):
+    """Training-only linear probe ``LayerNorm → Linear`` from DiT hidden states ``(B, L/p, D)`` to token
+    logits ``(B, L, V)`` (``p`` tokens per patch). It lives in the trainer's objective, not in the DiT, so
+    saved priors keep the official layout."""
+
+    def __init__(self, dim: int, vocab_size: int, patch_size: int = 1):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.norm = nn.LayerNorm(dim)
+        self.proj = nn.Linear(dim, patch_size * vocab_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(hidden)).unflatten(-1, (-1, self.vocab_size)).flatten(1, 2)
+
+
+@contextmanager
+def block_output(dit, layer: int):
+    """Inside the block, ``captured[0]`` holds the output of ``dit.blocks[layer]`` from the last forward."""
+    blocks = dit.blocks
+    if not -len(blocks) <= layer < len(blocks):
+        raise ValueError(f"token_layer={layer} is out of range for a DiT with {len(blocks)} blocks; "
+                         f"use -{len(blocks)}…{len(blocks) - 1}.")
+    captured: list[torch.Tensor] = []
+
+    def keep(_module, _args, out):
+        captured[:] = [out]
+
+    handle = blocks[layer].register_forward_hook(keep)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def token_loss(head: TokenHead, hidden: torch.Tensor, fm_pass: FlowMatchingPass,
+               input_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""``CE(head(h), x)`` on the noisy half of a 2L pass's hidden states ``(B, 2L/p, D)``; ``(ce, accuracy)``
+    at ``fm_pass.weights``. The head sees each noisy token with its clean history, as the velocity does."""
+    logits = head(hidden[:, hidden.shape[1] // 2:])  # (B, L, V)
+    return token_cross_entropy(logits, input_ids, fm_pass.weights), token_accuracy(logits.detach(), input_ids, fm_pass.weights)
+
+
 def self_condition_estimate(dit, z0: torch.Tensor, zt: torch.Tensor, timestep: torch.Tensor, block_size,
                             valid: torch.Tensor, prob: float, generator=None, history_drop=None) -> torch.Tensor:
     """Self-conditioning input of the noisy copy ``(B, L, C)``: ``ẑ0 = z_t − σ·v̂`` from a no-gradient pass
@@ -440,27 +491,29 @@ def _prompt_pins(pos: torch.Tensor, block: torch.Tensor, prob: float, generator)
 def joint_loss(
     vae, dit, input_ids: torch.LongTensor, loss_mask: torch.Tensor | None = None,
     cfg: JointLossConfig | None = None, ref_vae=None, attention_mask=None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, token_head: TokenHead | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    r"""Stage-2 loss ``λ_vae·L_VAE + λ_fm·L_FM + λ_round·L_round + λ_ref·KL(q_φ ‖ q_φ_ref)``; ``(loss, logs)``.
+    r"""Stage-2 loss ``λ_vae·L_VAE + λ_fm·L_FM + λ_round·L_round + λ_tok·L_tok + λ_ref·KL(q_φ ‖ q_φ_ref)``;
+    ``(loss, logs)``.
 
     z0 = ``vae.normalize(z)``: the same normalised posterior sample (or mean) that the VAE terms decode.
-    ``ref_vae`` is the frozen reference encoder (needed when ``ref_weight > 0``). With
-    ``cfg.freeze_vae`` the VAE runs without gradients and only the FM (+ rounding) terms are returned.
+    ``ref_vae`` is the frozen reference encoder (needed when ``ref_weight > 0``), ``token_head`` the
+    :class:`TokenHead` (needed when ``token_weight > 0``). With ``cfg.freeze_vae`` the VAE runs without
+    gradients and only the FM (+ rounding, token) terms are returned.
     """
     cfg = cfg or JointLossConfig()
     if cfg.freeze_vae:
         with torch.no_grad():
             posterior = vae.encode(input_ids, attention_mask)
             z = posterior.sample(generator) if cfg.fm_latents == "sample" else posterior.mode()
-        total, logs = _prior_terms(vae, dit, vae.normalize(z), input_ids, loss_mask, cfg, generator)
+        total, logs = _prior_terms(vae, dit, vae.normalize(z), input_ids, loss_mask, cfg, generator, token_head)
         logs["loss"] = total.detach()
         return total, logs
     vae_total, logs, posterior, z = vae_terms(vae, input_ids, loss_mask, cfg.vae, attention_mask, generator)
     if cfg.fm_latents == "mean":
         z = vae.normalize(posterior.mode())
     z0 = z.detach() if cfg.detach_latents else z
-    prior_total, prior_logs = _prior_terms(vae, dit, z0, input_ids, loss_mask, cfg, generator)
+    prior_total, prior_logs = _prior_terms(vae, dit, z0, input_ids, loss_mask, cfg, generator, token_head)
     logs.update(prior_logs)
     total = cfg.vae_weight * vae_total + prior_total
     if cfg.ref_weight > 0:
@@ -475,9 +528,14 @@ def joint_loss(
     return total, logs
 
 
-def _prior_terms(vae, dit, z0, input_ids, loss_mask, cfg: JointLossConfig, generator) -> tuple[torch.Tensor, dict]:
-    """``λ_fm·L_FM + λ_round·L_round`` from one DiT pass, with their logs."""
-    fm_pass = flow_matching_pass(dit, z0, loss_mask, cfg.fm, generator=generator)
+def _prior_terms(vae, dit, z0, input_ids, loss_mask, cfg: JointLossConfig, generator,
+                 token_head: TokenHead | None = None) -> tuple[torch.Tensor, dict]:
+    """``λ_fm·L_FM + λ_round·L_round + λ_tok·L_tok`` from one DiT pass, with their logs."""
+    if cfg.token_weight > 0 and token_head is None:
+        raise ValueError("token_weight > 0 needs `token_head`, a TokenHead trained beside the DiT; pass it or "
+                         "set token_weight=0.")
+    with block_output(dit, cfg.token_layer) as hidden:
+        fm_pass = flow_matching_pass(dit, z0, loss_mask, cfg.fm, generator=generator)
     fm = fm_pass.mse()
     logs = _fm_logs(fm_pass, fm)
     total = cfg.fm_weight * fm
@@ -485,6 +543,10 @@ def _prior_terms(vae, dit, z0, input_ids, loss_mask, cfg: JointLossConfig, gener
         ce, acc = rounding_loss(vae, fm_pass, input_ids)
         total = total + cfg.round_weight * ce
         logs.update(round_ce=ce.detach(), round_acc=acc)
+    if cfg.token_weight > 0:
+        ce, acc = token_loss(token_head, hidden[0], fm_pass, input_ids)
+        total = total + cfg.token_weight * ce
+        logs.update(token_ce=ce.detach(), token_acc=acc)
     return total, logs
 
 

@@ -236,18 +236,23 @@ class BatchPlan:
 class Objective(nn.Module):
     """The trained modules plus the loss: ``forward(ids, real) -> (loss, logs)``.
 
-    ``ref_vae`` (Stage 2) is a frozen copy of the starting encoder for ``KL(q_φ ‖ q_φ_ref)``.
+    ``ref_vae`` (Stage 2) is a frozen copy of the starting encoder for ``KL(q_φ ‖ q_φ_ref)``; a Stage-2
+    objective with ``token_weight > 0`` also trains a :class:`~colabridge.training.losses.TokenHead`
+    (checkpointed with the run, never exported).
     """
 
     def __init__(self, stage: str, loss_cfg, vae: ColaTextVAE, dit: ColaDiT | None = None, ref_vae=None):
         super().__init__()
         self.stage, self.loss_cfg = stage, loss_cfg
         self.vae, self.dit, self.ref_vae = vae, dit, ref_vae
+        self.token_head = None
+        if dit is not None and getattr(loss_cfg, "token_weight", 0) > 0:
+            self.token_head = L.TokenHead(dit.config.txt_dim, vae.config.vocab_size, dit.config.patch_size)
 
     def forward(self, input_ids: torch.Tensor, real: torch.Tensor):
         if self.stage == "vae":
             return L.vae_loss(self.vae, input_ids, real, self.loss_cfg)
-        return L.joint_loss(self.vae, self.dit, input_ids, real, self.loss_cfg, self.ref_vae)
+        return L.joint_loss(self.vae, self.dit, input_ids, real, self.loss_cfg, self.ref_vae, token_head=self.token_head)
 
 
 def load_dit(folder: str, overrides: dict) -> ColaDiT:
