@@ -78,9 +78,20 @@ def row_stats(name: str, ar, prompts, conts, eos_id: int, extra: dict | None = N
     return row
 
 
-def against(path: str, real_name: str) -> dict:
+def load_against(path: str) -> dict:
+    """The per-prompt NLLs stored in another run's ``--json`` (checked before any generation runs)."""
+    try:
+        stored = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"--against {path}: cannot read it as JSON ({err}); pass a file written by --json.")
+    if "nlls" not in stored:
+        raise SystemExit(f"--against {path}: it holds no per-prompt NLLs (written by an older version of this "
+                         "script); rerun the other pipeline with --json to compare against it.")
+    return stored["nlls"]
+
+
+def against(path: str, other: dict, real_name: str) -> dict:
     """Paired gen-ppl ratio (with its 95% interval) of each config to the same config in another run's --json."""
-    other = json.loads(Path(path).read_text())["nlls"]
     if [n for _, n in other[real_name]] != [n for _, n in nlls[real_name]]:
         raise SystemExit(f"--against {path}: its held-out prompts differ from this run's; use the same "
                          f"--num-prompts/--prompt-len/--min-prompt-len/--source.")
@@ -129,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                     "each config's paired gen-ppl ratio to the same config there")
     p.add_argument("--show", type=int, default=3, help="print this many sample continuations per config")
     args = p.parse_args(argv)
+    other_nlls = load_against(args.against) if args.against else None
     torch.set_num_threads(args.threads)
 
     from colabridge import ColaPipeline
@@ -208,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  best 6-step ({best['name']}): gen-ppl {best['gen_ppl']:.2f} vs Euler-16 {ref['gen_ppl']:.2f} = "
               f"{100 * rel:+.1f}% ({'PASS' if rel <= 0.05 else 'FAIL'} ≤ +5%)")
     if args.against:
-        ratios["against"] = against(args.against, real_row["name"])
+        ratios["against"] = against(args.against, other_nlls, real_row["name"])
     print("\nSamples (prompt + continuation):")
     for name, texts_ in samples.items():
         for t in texts_:
