@@ -23,7 +23,6 @@ from colabridge.training.losses import (
     store_latent_stats,
     two_l_mask,
     token_cross_entropy,
-    token_loss,
     two_l_velocity,
     vae_loss,
     vae_terms,

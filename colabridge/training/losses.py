@@ -22,7 +22,7 @@ can be watched separately (the paper's diagnostic point). Randomness comes from 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -534,7 +534,8 @@ def _prior_terms(vae, dit, z0, input_ids, loss_mask, cfg: JointLossConfig, gener
     if cfg.token_weight > 0 and token_head is None:
         raise ValueError("token_weight > 0 needs `token_head`, a TokenHead trained beside the DiT; pass it or "
                          "set token_weight=0.")
-    with block_output(dit, cfg.token_layer) as hidden:
+    capture = block_output(dit, cfg.token_layer) if cfg.token_weight > 0 else nullcontext()
+    with capture as hidden:
         fm_pass = flow_matching_pass(dit, z0, loss_mask, cfg.fm, generator=generator)
     fm = fm_pass.mse()
     logs = _fm_logs(fm_pass, fm)
