@@ -246,7 +246,7 @@ class Objective(nn.Module):
         self.stage, self.loss_cfg = stage, loss_cfg
         self.vae, self.dit, self.ref_vae = vae, dit, ref_vae
         self.token_head = None
-        if dit is not None and getattr(loss_cfg, "token_weight", 0) > 0:
+        if dit is not None and loss_cfg.token_weight > 0:  # a Stage-2 or LoRA objective
             self.token_head = L.TokenHead(dit.config.txt_dim, vae.config.vocab_size, dit.config.patch_size)
 
     def forward(self, input_ids: torch.Tensor, real: torch.Tensor):
